@@ -145,3 +145,15 @@ def build_tiny_model(cfg: TinyModelConfig, out_dir: str | Path, seed: int = 0) -
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def resolve_model_path(model_cfg, work_dir: str | Path, seed: int = 0) -> str:
+    """Return a path or Hub id that ``from_pretrained`` can load for ``model_cfg``.
+
+    For ``name_or_path: tiny`` the tiny model is built (once, deterministically
+    from ``model.tiny`` and ``seed``) under ``work_dir/base_model``; any other
+    value is returned unchanged (Hub id or local folder).
+    """
+    if model_cfg.is_tiny:
+        return str(build_tiny_model(model_cfg.tiny, Path(work_dir) / "base_model", seed=seed))
+    return model_cfg.name_or_path
