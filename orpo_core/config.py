@@ -275,7 +275,7 @@ class Recipe(_Strict):
     run_name: str = "orpo-run"
     output_dir: str = Field("runs/${run_name}", description="all stage outputs go under this folder")
     seed: int = 42
-    model: ModelConfig
+    model: ModelConfig | None = Field(None, description="None: a data-only recipe (prep without tokenization)")
     data: DataConfig
     orpo: ORPOConfig = Field(default_factory=ORPOConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -289,6 +289,12 @@ class Recipe(_Strict):
     @property
     def out_dir(self) -> Path:
         return Path(self.output_dir.replace("${run_name}", self.run_name))
+
+    def require_model(self) -> ModelConfig:
+        """Return ``model`` or raise :class:`RecipeError` for a data-only recipe."""
+        if self.model is None:
+            raise RecipeError("this command needs a 'model' section in the recipe")
+        return self.model
 
     def section_hash(self, *sections: str) -> str:
         """sha256 (hex, 16 chars) of the named sections' canonical JSON, for cache keys."""

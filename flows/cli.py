@@ -1,0 +1,234 @@
+"""The ``orpo`` command line.
+
+Stage commands (``prep``, ``train``, ``eval``) call ``orpo_core`` directly and need no
+Prefect server. Orchestrated commands (``run``, ``sweep``, ``push``) run Prefect flows:
+with ``PREFECT_API_URL`` unset Prefect starts its temporary local server, otherwise
+they report to the server it names. Every command takes ``--set section.key=value``
+overrides (repeatable), applied before the recipe is validated.
+
+Exit codes: 0 success, 1 a stage failed, 2 bad recipe / bad input / usage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="ORPO alignment pipeline (Prefect-orchestrated).")
+console = Console(stderr=True)
+
+RecipeArg = typer.Argument(..., help="recipe YAML file, e.g. recipes/quickstart.yaml")
+SetOpt = typer.Option(None, "--set", "-s", help="override, section.key=value (repeatable)")
+
+
+def _setup_env() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _load(recipe: str, overrides: Optional[list[str]]):
+    from orpo_core.config import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe, overrides or [])
+    except RecipeError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+def _fail(e: BaseException) -> None:
+    from orpo_core.config import RecipeError
+
+    try:
+        from orpo_core.data.errors import DataError
+    except ImportError:  # pragma: no cover
+        DataError = RecipeError  # type: ignore
+    code = 2 if isinstance(e, (RecipeError, DataError, FileNotFoundError)) else 1
+    console.print(f"[red]error:[/red] {type(e).__name__}: {e}")
+    raise typer.Exit(code) from None
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@app.command()
+def validate(recipe: str = RecipeArg, set_: Optional[list[str]] = SetOpt) -> None:
+    """Validate a recipe and print it fully resolved (defaults filled in)."""
+    r = _load(recipe, set_)
+    typer.echo(r.to_yaml())
+
+
+@app.command()
+def prep(
+    recipe: str = RecipeArg,
+    set_: Optional[list[str]] = SetOpt,
+    on_error: Optional[str] = typer.Option(None, "--on-error", help="raise (default) or skip bad rows, counted in stats.json"),
+    tokenize: bool = typer.Option(True, "--tokenize/--no-tokenize", help="tokenize when the recipe names a model"),
+) -> None:
+    """Load, normalize, binarize, clean and split the data to Parquet, then tokenize."""
+    _setup_env()
+    overrides = list(set_ or [])
+    if on_error:
+        overrides.append(f"data.on_error={on_error}")
+    r = _load(recipe, overrides)
+    from orpo_core.data.prepare import prepare_dataset
+
+    out = r.out_dir
+    try:
+        stats = prepare_dataset(r, out / "data")
+        console.print(f"[green]data[/green] -> {out / 'data'}")
+        if tokenize and r.model is not None:
+            from orpo_core.data.tokenize import tokenize_dataset
+
+            stats = tokenize_dataset(r, out / "data", out / "tokenized")
+            console.print(f"[green]tokenized[/green] -> {out / 'tokenized'}")
+    except Exception as e:  # noqa: BLE001 - reported with exit code
+        _fail(e)
+    _print_json(stats)
+
+
+@app.command()
+def train(
+    recipe: str = RecipeArg,
+    set_: Optional[list[str]] = SetOpt,
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="continue from the latest checkpoint if any"),
+) -> None:
+    """Train with ORPO from the tokenized Parquet (run `orpo prep` first)."""
+    _setup_env()
+    r = _load(recipe, set_)
+    from orpo_core.train import run_training
+
+    out = r.out_dir
+    try:
+        r.require_model()
+        metrics = run_training(r, out / "tokenized", out / "train", resume=resume)
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    console.print(f"[green]model[/green] -> {out / 'train' / 'model'}")
+    _print_json(metrics)
+
+
+@app.command("eval")
+def eval_(
+    recipe: str = RecipeArg,
+    set_: Optional[list[str]] = SetOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="model folder to evaluate (default: the run's trained model)"),
+    base: bool = typer.Option(True, "--base/--no-base", help="also evaluate the base model and report deltas"),
+) -> None:
+    """Evaluate a model: preference accuracy, perplexity, lm-eval tasks; writes eval.json and eval.md."""
+    _setup_env()
+    r = _load(recipe, set_)
+    from orpo_core.evaluation import run_evaluation
+    from orpo_core.tiny import resolve_model_path
+
+    out = r.out_dir
+    model_dir = Path(model) if model else out / "train" / "model"
+    log_history = out / "train" / "log_history.json"
+    try:
+        r.require_model()
+        base_model = resolve_model_path(r.model, out, seed=r.seed) if (base and r.eval.compare_base) else None
+        result = run_evaluation(
+            r,
+            model_dir,
+            out / "tokenized",
+            out / "eval",
+            base_model=base_model,
+            log_history=log_history if log_history.is_file() else None,
+        )
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    console.print(f"[green]eval[/green] -> {out / 'eval' / 'eval.md'}")
+    _print_json(result.get("summary", result) if isinstance(result, dict) else result)
+
+
+@app.command()
+def run(
+    recipe: str = RecipeArg,
+    set_: Optional[list[str]] = SetOpt,
+    push: Optional[bool] = typer.Option(None, "--push/--no-push", help="upload to the Hub (default: recipe hub.push)"),
+) -> None:
+    """Run the whole pipeline as a Prefect flow: prepare -> tokenize -> train -> evaluate -> push."""
+    _setup_env()
+    _load(recipe, set_)  # validate before starting Prefect
+    from flows.pipeline import orpo_pipeline
+
+    try:
+        result = orpo_pipeline(recipe=recipe, overrides=list(set_ or []), push=push)
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    _print_json(result)
+
+
+def parse_grid(grid: list[str]) -> dict[str, list]:
+    """Parse ``--grid key=v1,v2`` options into ``{key: [v1, v2]}`` (values parsed as YAML scalars).
+
+    Raises:
+        typer.BadParameter: an entry without ``=`` or without values.
+    """
+    import yaml
+
+    out: dict[str, list] = {}
+    for g in grid:
+        if "=" not in g:
+            raise typer.BadParameter(f"--grid {g!r} must look like section.key=v1,v2")
+        k, v = g.split("=", 1)
+        values = [yaml.safe_load(x) for x in v.split(",") if x.strip() != ""]
+        if not values:
+            raise typer.BadParameter(f"--grid {g!r} has no values")
+        out[k.strip()] = values
+    return out
+
+
+@app.command()
+def sweep(
+    recipe: str = RecipeArg,
+    grid: list[str] = typer.Option(..., "--grid", "-g", help="section.key=v1,v2 (repeatable; cartesian product)"),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Ablation sweep: train + evaluate each grid point, sharing the cached data stages."""
+    _setup_env()
+    _load(recipe, set_)
+    g = parse_grid(grid)
+    from orpo_core.config import apply_overrides  # noqa: F401 - validation of each point happens in the flow
+    from flows.sweep import ablation_sweep
+
+    try:
+        result = ablation_sweep(recipe=recipe, grid=g, overrides=list(set_ or []))
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    _print_json(result)
+
+
+@app.command()
+def push(
+    recipe: str = RecipeArg,
+    set_: Optional[list[str]] = SetOpt,
+    dry_run: Optional[bool] = typer.Option(None, "--dry-run/--no-dry-run", help="write the folder only (default: not hub.push)"),
+) -> None:
+    """Publish the trained model, tokenizer and model card to the Hugging Face Hub (token from HF_TOKEN)."""
+    _setup_env()
+    _load(recipe, set_)
+    from flows.pipeline import push_flow
+
+    try:
+        result = push_flow(recipe=recipe, overrides=list(set_ or []), dry_run=dry_run)
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    _print_json(result)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
