@@ -239,6 +239,7 @@ class EvalConfig(_Strict):
     compare_base: bool = True
     max_new_tokens: int = Field(64, gt=0)
     prompts: list[str] = Field(default_factory=list, description="fixed prompts answered by base and trained model")
+    n_prompts: int = Field(3, ge=0, description="held-out prompts answered side by side when 'prompts' is empty")
     max_pairs: int | None = Field(None, gt=0, description="cap on held-out pairs evaluated")
     gate_metric: str = Field("preference/accuracy", description="retrain publishes only if this improves")
     gate_mode: Literal["max", "min"] = "max"

@@ -1,0 +1,322 @@
+"""lm-evaluation-harness integration, with offline copies of common benchmarks.
+
+Tasks are run with ``lm_eval.simple_evaluate`` on
+``lm_eval.models.huggingface.HFLM(pretrained=<in-memory model>, tokenizer=...)``
+and scored by lm-eval's own metrics.
+
+Offline tasks
+-------------
+``hellaswag``, ``arc_easy``, ``arc_challenge``, ``piqa``, ``winogrande``, ``boolq``
+and ``lambada_openai`` have local versions (``orpo_local_<name>``, YAML templates
+in ``orpo_core/lm_eval_tasks``, prompt logic copied from the upstream YAMLs) that
+read the files in ``eval.tasks_dir`` instead of downloading from the Hub. The
+user-facing names map to the local versions when their data file exists; when it
+does not, the upstream task is used if the Hub may be reachable, and it is an
+error when the Hub is offline (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``).
+``orpo_local_<name>`` always requires the file.
+
+At run time the templates are copied into a temporary include folder with the
+absolute data folder substituted into ``dataset_kwargs.data_files``, and
+``lm_eval.tasks.TaskManager(include_path=that folder)`` indexes them (the large
+built-in index is only built when a non-local task is requested).
+
+Any other registered lm-eval task name works too (it downloads its dataset).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import EvalInputError
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
+PLACEHOLDER = "__ORPO_EVAL_DATA__"
+LOCAL_PREFIX = "orpo_local_"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
+DEFAULT_TASKS_DIR = "../shared/data/eval"
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    """An offline task: its lm-eval name, data file (in ``tasks_dir``) and upstream task."""
+
+    name: str
+    data_file: str
+    upstream: str
+
+
+LOCAL_TASKS: dict[str, LocalTask] = {
+    "hellaswag": LocalTask("orpo_local_hellaswag", "hellaswag_val.jsonl", "hellaswag"),
+    "arc_easy": LocalTask("orpo_local_arc_easy", "arc_easy_test.jsonl", "arc_easy"),
+    "arc_challenge": LocalTask("orpo_local_arc_challenge", "arc_challenge_test.jsonl", "arc_challenge"),
+    "piqa": LocalTask("orpo_local_piqa", "piqa_valid.jsonl", "piqa"),
+    "winogrande": LocalTask("orpo_local_winogrande", "winogrande_dev.jsonl", "winogrande"),
+    "boolq": LocalTask("orpo_local_boolq", "boolq_dev.jsonl", "boolq"),
+    "lambada_openai": LocalTask("orpo_local_lambada_openai", "lambada_openai_test.jsonl", "lambada_openai"),
+}
+_BY_LOCAL_NAME = {t.name: t for t in LOCAL_TASKS.values()}
+
+
+@dataclass
+class ResolvedTask:
+    """A validated task request.
+
+    Attributes:
+        requested: the name in ``eval.tasks`` (key of the results: ``lm_eval/<requested>/<metric>``).
+        lm_eval_name: the name passed to lm-eval (``orpo_local_arc_easy`` or a registered task).
+        local: whether it is an offline task.
+        data_file: absolute path of the offline data file (None for registered tasks).
+        upstream: the upstream lm-eval task it mirrors (or itself).
+    """
+
+    requested: str
+    lm_eval_name: str
+    local: bool
+    data_file: str | None
+    upstream: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE`` is set."""
+    return _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE")
+
+
+def resolve_tasks_dir(tasks_dir: str | os.PathLike) -> Path:
+    """Absolute path of ``eval.tasks_dir``.
+
+    A relative path is tried against the current directory, then the project root
+    (so ``../shared/data/eval`` works from any working directory of the checkout),
+    and, for the default value, ``$ORPO_SHARED_DIR/data/eval``. When none exists the
+    current-directory interpretation is returned (and reported as missing).
+    """
+    p = Path(tasks_dir).expanduser()
+    if p.is_absolute():
+        return p
+    candidates = [Path.cwd() / p, PROJECT_ROOT / p]
+    if str(tasks_dir).rstrip("/") == DEFAULT_TASKS_DIR:
+        from orpo_core.tiny import SHARED_DIR
+
+        candidates.append(SHARED_DIR / "data" / "eval")
+    for c in candidates:
+        if c.is_dir():
+            return c.resolve()
+    return candidates[0].resolve()
+
+
+@functools.lru_cache(maxsize=1)
+def registered_task_names() -> frozenset[str]:
+    """Names (tasks, groups, tags) in lm-eval's built-in index (built once, ~5 s)."""
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager().all_tasks)
+
+
+def resolve_tasks(names: list[str], tasks_dir: str | os.PathLike) -> list[ResolvedTask]:
+    """Map requested task names to local or registered lm-eval tasks, without loading any model.
+
+    Raises:
+        EvalInputError: listing every task lm-eval does not know (with close matches),
+            every offline task whose data file is missing (naming the file) when it
+            cannot fall back to the Hub, and duplicate names.
+    """
+    data_dir = resolve_tasks_dir(tasks_dir)
+    out: list[ResolvedTask] = []
+    problems: list[str] = []
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            problems.append(f"task {name!r} is listed twice")
+            continue
+        seen.add(name)
+        spec = LOCAL_TASKS.get(name) or _BY_LOCAL_NAME.get(name)
+        if spec is not None:
+            f = data_dir / spec.data_file
+            if f.is_file():
+                out.append(ResolvedTask(name, spec.name, True, str(f), spec.upstream))
+                continue
+            if name.startswith(LOCAL_PREFIX):
+                problems.append(f"offline task {name!r}: data file {f} does not exist (eval.tasks_dir={tasks_dir!s})")
+                continue
+            if hub_offline():
+                problems.append(
+                    f"task {name!r}: offline data file {f} does not exist (eval.tasks_dir={tasks_dir!s}) and the "
+                    "Hub is offline, so the upstream task cannot download its dataset"
+                )
+                continue
+            out.append(ResolvedTask(name, spec.upstream, False, None, spec.upstream))
+            continue
+        known = registered_task_names()
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known) + list(LOCAL_TASKS), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            problems.append(f"unknown lm-eval task {name!r}{hint}")
+            continue
+        out.append(ResolvedTask(name, name, False, None, name))
+    if problems:
+        raise EvalInputError("eval.tasks: " + "; ".join(problems))
+    return out
+
+
+def write_local_task_configs(data_dir: str | os.PathLike, include_dir: str | os.PathLike) -> Path:
+    """Copy the offline task templates into ``include_dir`` with ``data_dir`` substituted.
+
+    Returns:
+        ``include_dir`` (created), holding ``orpo_local_*.yaml`` whose ``data_files``
+        are absolute paths under ``data_dir``.
+    """
+    data_dir = Path(data_dir).resolve()
+    out = Path(include_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # a YAML double-quoted scalar takes JSON string escapes
+    quoted = json.dumps(str(data_dir))[1:-1]
+    for tpl in sorted(TEMPLATE_DIR.glob(f"{LOCAL_PREFIX}*.yaml")):
+        (out / tpl.name).write_text(tpl.read_text(encoding="utf-8").replace(PLACEHOLDER, quoted), encoding="utf-8")
+    return out
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, (int, float)):
+        return float(v)
+    return None
+
+
+def run_lm_eval(
+    model,
+    tokenizer,
+    tasks: list[ResolvedTask],
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    bootstrap_iters: int = 1000,
+    seed: int = 0,
+    include_dir: str | os.PathLike | None = None,
+    max_length: int | None = None,
+) -> dict[str, Any]:
+    """Run lm-eval tasks on an in-memory model.
+
+    Args:
+        model: a ``PreTrainedModel`` (eval mode, on its device).
+        tokenizer: its tokenizer.
+        tasks: from :func:`resolve_tasks`.
+        limit: documents per task (lm-eval's ``limit``; the first ``limit`` documents).
+        batch_size: HFLM batch size.
+        bootstrap_iters: lm-eval's bootstrap iterations for the stderr of non-mean
+            aggregations (e.g. lambada perplexity); mean metrics use the closed form.
+        seed: lm-eval's random / numpy / torch / few-shot seeds.
+        include_dir: where to write the offline task configs (a temp folder when None).
+        max_length: HFLM context length (None: from the model config).
+
+    Returns:
+        ``{"metrics": {"lm_eval/<task>/<metric>": {"value", "stderr", "n", "version",
+        "n_shot", "higher_is_better"}}, "tasks": {<task>: {... task versions, n-shot,
+        higher_is_better, n-samples, lm-eval name, data file}}, "lm_eval_version"}``.
+        ``<metric>`` is lm-eval's own key, e.g. ``acc,none``; sub-tasks of a group keep
+        their lm-eval names.
+    """
+    if not tasks:
+        return {"metrics": {}, "tasks": {}}
+    import lm_eval
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    local = [t for t in tasks if t.local]
+    data_dirs = {str(Path(t.data_file).parent) for t in local if t.data_file}
+    if len(data_dirs) > 1:
+        raise EvalInputError(f"offline tasks read from several folders: {sorted(data_dirs)}")
+    tmp = None
+    try:
+        include = None
+        if local:
+            if include_dir is None:
+                tmp = tempfile.mkdtemp(prefix="orpo-lm-eval-tasks-")
+                include_dir = tmp
+            include = str(write_local_task_configs(next(iter(data_dirs)), include_dir))
+        tm = TaskManager(include_path=include, include_defaults=any(not t.local for t in tasks))
+        lm_kwargs: dict[str, Any] = {"pretrained": model, "tokenizer": tokenizer, "batch_size": batch_size}
+        if max_length:
+            lm_kwargs["max_length"] = max_length
+        lm = HFLM(**lm_kwargs)
+        res = simple_evaluate(
+            model=lm,
+            tasks=[t.lm_eval_name for t in tasks],
+            task_manager=tm,
+            limit=limit,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=False,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if res is None:  # not rank 0
+        return {"metrics": {}, "tasks": {}}
+    return parse_results(res, tasks) | {"lm_eval_version": getattr(lm_eval, "__version__", None)}
+
+
+def parse_results(res: dict[str, Any], tasks: list[ResolvedTask]) -> dict[str, Any]:
+    """Flatten ``simple_evaluate``'s output into ``lm_eval/<task>/<metric>`` entries."""
+    label_of = {t.lm_eval_name: t.requested for t in tasks}
+    by_label = {t.requested: t for t in tasks}
+    metrics: dict[str, dict[str, Any]] = {}
+    task_info: dict[str, dict[str, Any]] = {}
+    versions = res.get("versions", {})
+    n_shot = res.get("n-shot", {})
+    hib = res.get("higher_is_better", {})
+    n_samples = res.get("n-samples", {})
+    for section in ("results", "groups"):
+        for lm_name, vals in (res.get(section) or {}).items():
+            label = label_of.get(lm_name, lm_name)
+            if label in task_info and section == "groups":
+                continue
+            n_eff = (n_samples.get(lm_name) or {}).get("effective")
+            info = {
+                "lm_eval_task": lm_name,
+                "version": versions.get(lm_name),
+                "n-shot": n_shot.get(lm_name),
+                "higher_is_better": hib.get(lm_name),
+                "n-samples": n_samples.get(lm_name),
+                "group": section == "groups",
+            }
+            if label in by_label:
+                t = by_label[label]
+                info.update({"local": t.local, "data_file": t.data_file, "upstream": t.upstream})
+            task_info[label] = info
+            for key, value in vals.items():
+                # lm-eval metric keys are "<metric>,<filter>"; skip alias, sample_len, stderrs
+                if "," not in key or "_stderr," in key:
+                    continue
+                v = _num(value)
+                if v is None:
+                    continue
+                name, _, filt = key.partition(",")
+                stderr_key = f"{name}_stderr,{filt}" if filt else f"{name}_stderr"
+                metrics[f"lm_eval/{label}/{key}"] = {
+                    "value": v,
+                    "stderr": _num(vals.get(stderr_key)),
+                    "n": n_eff,
+                    "version": versions.get(lm_name),
+                    "n_shot": n_shot.get(lm_name),
+                    "higher_is_better": (hib.get(lm_name) or {}).get(name),
+                }
+    return {"metrics": metrics, "tasks": task_info}

@@ -1,0 +1,274 @@
+"""Evaluation report: ``eval.json`` (every number), ``eval.md`` (tables) and ``curves.png``.
+
+All three files are written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ._io import atomic_write, atomic_write_json, atomic_write_text
+from .errors import EvalInputError
+
+#: (title, train key, eval key) of the panels in ``curves.png`` (TRL ORPOTrainer log names)
+CURVES = (
+    ("loss", "loss", "eval_loss"),
+    ("rewards/margins", "rewards/margins", "eval_rewards/margins"),
+    ("rewards/accuracies", "rewards/accuracies", "eval_rewards/accuracies"),
+)
+
+#: direction of improvement of the stage's own metrics (lm-eval metrics carry theirs)
+DIRECTIONS = {
+    "preference/accuracy": "max",
+    "preference/margin": "max",
+    "preference/log_odds": "max",
+    "preference/logps_chosen": "max",
+    "perplexity/chosen": "min",
+    "perplexity/corpus": "min",
+}
+
+
+# --------------------------------------------------------------------------- log history
+def load_log_history(log_history: str | os.PathLike | list | None) -> list[dict[str, Any]]:
+    """Trainer log history as a list of dicts.
+
+    Accepts None (empty), a list, or a path to ``log_history.json`` (a list) or a
+    Trainer ``trainer_state.json`` (``{"log_history": [...]}``).
+
+    Raises:
+        EvalInputError: the path does not exist or does not hold such a list.
+    """
+    if log_history is None:
+        return []
+    if isinstance(log_history, list):
+        data: Any = log_history
+        where = "log_history"
+    else:
+        p = Path(log_history)
+        if not p.is_file():
+            raise EvalInputError(f"log history file {p} does not exist")
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise EvalInputError(f"log history file {p}: not valid JSON ({e})") from None
+        where = str(p)
+        if isinstance(data, dict) and "log_history" in data:
+            data = data["log_history"]
+    if not isinstance(data, list):
+        raise EvalInputError(f"{where}: expected a list of log entries, got {type(data).__name__}")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise EvalInputError(f"{where}: entry {i} is {type(entry).__name__}, not an object")
+    return data
+
+
+def _series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for i, e in enumerate(history):
+        v = e.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            xs.append(float(e.get("step", i)))
+            ys.append(float(v))
+    return xs, ys
+
+
+def plot_curves(history: list[dict[str, Any]], path: str | os.PathLike) -> Path | None:
+    """Plot loss, rewards/margins and rewards/accuracies (train and eval) against the
+    optimizer step into a PNG (matplotlib Agg canvas, no global backend change).
+
+    Returns:
+        The path, or None (nothing written) when no entry has any of those keys.
+    """
+    panels = [(title, _series(history, tk), _series(history, ek)) for title, tk, ek in CURVES]
+    if not any(tr[0] or ev[0] for _, tr, ev in panels):
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(panels), 3.4), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels))
+    for ax, (title, (tx, ty), (ex, ey)) in zip(axes, panels):
+        if tx:
+            ax.plot(tx, ty, label="train", color="tab:blue", lw=1.2)
+        if ex:
+            ax.plot(ex, ey, label="eval", color="tab:orange", marker="o", ms=3, lw=1.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if tx or ex:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+    fig.tight_layout()
+    return atomic_write(path, lambda p: fig.savefig(p, format="png"))
+
+
+# --------------------------------------------------------------------------- markdown
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if v != v:  # NaN
+            return "nan"
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.3e}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _cell(detail: dict[str, Any] | None) -> str:
+    if not detail:
+        return "–"
+    s = _fmt(detail.get("value"))
+    ci = detail.get("ci95")
+    if ci:
+        s += f" [{_fmt(ci[0], 3)}, {_fmt(ci[1], 3)}]"
+    elif detail.get("stderr") is not None:
+        s += f" ± {_fmt(detail['stderr'], 3)}"
+    return s
+
+
+def _better(key: str, delta: float | None, direction: str | None) -> str:
+    if delta is None or direction is None or delta == 0:
+        return ""
+    up = delta > 0
+    return "better" if (up == (direction == "max")) else "worse"
+
+
+def _esc(text: str) -> str:
+    if not text.strip():
+        return "*(empty)*" if not text else f"*(whitespace only, {len(text)} chars)*"
+    return text.strip().replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def _direction(key: str, detail: dict[str, Any] | None) -> str | None:
+    if key in DIRECTIONS:
+        return DIRECTIONS[key]
+    hib = (detail or {}).get("higher_is_better")
+    return None if hib is None else ("max" if hib else "min")
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """``eval.md``: models, preference, perplexity and lm-eval tables (base, trained,
+    delta with paired CI), side-by-side generations and the curves image."""
+    labels = [m for m in ("base", "trained") if m in report["metrics"]]
+    metrics, deltas = report["metrics"], report.get("delta_details", {})
+    s = report["settings"]
+    lines = [f"# Evaluation: {report['run_name']}", ""]
+    lines += ["## Models", "", "| role | model | kind | revision | weights sha256 | parameters |", "|---|---|---|---|---|---|"]
+    for role in ("trained", "base"):
+        m = report["models"].get(role)
+        if not m:
+            continue
+        fp = (m.get("fingerprint") or {}).get("weights_sha256") or ((m.get("base") or {}).get("fingerprint") or {}).get("weights_sha256")
+        rev = m.get("commit") or m.get("revision")
+        lines.append(
+            f"| {role} | `{m['name_or_path']}` | {m['kind']} | {rev or '–'} | {fp[:12] if fp else '–'} | "
+            f"{_fmt(m.get('n_parameters'))} |"
+        )
+    lines.append("")
+
+    def table(title: str, keys: list[str], note: str, extra=None) -> None:
+        if not keys:
+            return
+        lines.extend([f"## {title}", "", note, ""])
+        head = "| metric | " + " | ".join(labels) + (" | Δ trained − base | |" if len(labels) == 2 else " |")
+        lines.append(head)
+        lines.append("|---" * (1 + len(labels) + (2 if len(labels) == 2 else 0)) + "|")
+        for k in keys:
+            row = [f"`{k}`"] + [_cell(metrics[m].get(k)) for m in labels]
+            if len(labels) == 2:
+                d = deltas.get(k)
+                dv = (d or {}).get("value")
+                row += [_cell(d), _better(k, dv, _direction(k, metrics["trained"].get(k)))]
+            lines.append("| " + " | ".join(row) + " |")
+        if extra:
+            lines.extend(["", extra])
+        lines.append("")
+
+    all_keys = []
+    for m in labels:
+        all_keys += [k for k in metrics[m] if k not in all_keys]
+    pref = [k for k in all_keys if k.startswith("preference/")]
+    ppl = [k for k in all_keys if k.startswith("perplexity/")]
+    lm = [k for k in all_keys if k.startswith("lm_eval/")]
+    n_pairs = s.get("n_pairs")
+    table(
+        "Held-out preference",
+        pref,
+        f"{n_pairs} held-out pairs; completion log-probs are per-token means (as in training); "
+        f"margin = beta·(logp_c − logp_r) with beta = {s.get('beta')}; "
+        f"[95% bootstrap CI, {s.get('bootstrap_samples')} resamples, seed {s.get('seed')}]; "
+        "Δ has a paired bootstrap CI.",
+    )
+    corpus = s.get("corpus") or {}
+    cnote = "chosen: exp(Σ NLL / Σ tokens) over the chosen completion tokens of the held-out pairs."
+    if corpus:
+        cnote += (
+            f" corpus: `{corpus.get('path')}`, {corpus.get('tokens')} tokens (cap {corpus.get('max_tokens')}), "
+            f"sliding window {corpus.get('window')} / stride {corpus.get('stride')}."
+        )
+    table("Perplexity", ppl, cnote)
+    if lm:
+        tasks = report.get("lm_eval", {}).get("tasks", {})
+        lines.extend(["## lm-evaluation-harness", ""])
+        lines.append(
+            f"lm-eval {report.get('lm_eval', {}).get('lm_eval_version') or ''}; limit = "
+            f"{s.get('lm_eval', {}).get('limit')} documents per task; value ± lm-eval stderr."
+        )
+        lines.append("")
+        head = "| task | metric | version | n-shot | n | source | " + " | ".join(labels)
+        head += " | Δ | |" if len(labels) == 2 else " |"
+        lines.append(head)
+        lines.append("|---" * (6 + len(labels) + (2 if len(labels) == 2 else 0)) + "|")
+        for k in lm:
+            _, task, metric = k.split("/", 2)
+            ref = metrics["trained"].get(k) or next(metrics[m][k] for m in labels if k in metrics[m])
+            info = tasks.get(task, {})
+            src = "local: " + Path(info["data_file"]).name if info.get("local") and info.get("data_file") else "hub"
+            row = [task, metric, str(ref.get("version")), _fmt(ref.get("n_shot")), _fmt(ref.get("n")), src]
+            row += [_cell(metrics[m].get(k)) for m in labels]
+            if len(labels) == 2:
+                dv = (deltas.get(k) or {}).get("value")
+                row += [_fmt(dv), _better(k, dv, _direction(k, ref))]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    gens = report.get("generations") or []
+    if gens:
+        lines.extend(["## Generations (greedy)", ""])
+        cols = ["prompt"] + [m for m in ("base", "trained") if m in gens[0]]
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|---" * len(cols) + "|")
+        for g in gens:
+            lines.append("| " + " | ".join(_esc(str(g.get(c, ""))) for c in cols) + " |")
+        lines.append("")
+    if report.get("curves"):
+        lines.extend(["## Training curves", "", f"![training curves]({report['curves']})", ""])
+    for note in report.get("notes") or []:
+        lines.append(f"> {note}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike, history: list[dict[str, Any]]) -> dict[str, str]:
+    """Write ``curves.png`` (when ``history`` has curve entries), ``eval.md`` and ``eval.json``
+    (last, so its presence means the report is complete). Returns the written paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, str] = {}
+    png = plot_curves(history, out / "curves.png") if history else None
+    report["curves"] = "curves.png" if png else None
+    if png:
+        files["curves"] = str(png)
+    files["eval_md"] = str(atomic_write_text(out / "eval.md", render_markdown(report)))
+    files["eval_json"] = str(out / "eval.json")
+    report["files"] = {k: Path(v).name for k, v in files.items()}
+    atomic_write_json(out / "eval.json", report)
+    return files

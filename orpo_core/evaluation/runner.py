@@ -1,0 +1,289 @@
+"""The evaluation stage: trained (and base) model on held-out pairs, corpus, lm-eval tasks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import harness, loading
+from .errors import EvalInputError
+from .generation import build_prompts, generate_answers
+from .perplexity import corpus_perplexity, read_corpus, tokenize_corpus
+from .preference import PairScores, load_pairs, paired_deltas, preference_metrics, score_pairs
+from .report import load_log_history, write_report
+
+log = logging.getLogger("orpo_core.evaluation")
+
+SCHEMA = "orpo-eval/1"
+
+
+def _model_window(model, window: int) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return min(window, limit) if isinstance(limit, int) and limit > 1 else window
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    *,
+    recipe,
+    pairs,
+    corpus_ids: list[int] | None,
+    tasks: list[harness.ResolvedTask],
+    prompts,
+    include_dir: str | None,
+) -> dict[str, Any]:
+    """All metrics of one loaded model.
+
+    Returns:
+        ``{"metrics": {key: detail}, "scores": PairScores | None, "answers": [...],
+        "lm_eval": {...} , "corpus": {...} | None, "timing_s": {...}}``.
+    """
+    ev = recipe.eval
+    out: dict[str, Any] = {"metrics": {}, "scores": None, "answers": [], "lm_eval": None, "corpus": None, "timing_s": {}}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    if pairs and (ev.preference or ev.perplexity):
+        t0 = time.perf_counter()
+        scores = score_pairs(model, pairs, pad_token_id=pad, batch_size=ev.batch_size)
+        m = preference_metrics(scores, beta=recipe.orpo.beta, bootstrap_samples=ev.bootstrap_samples, seed=recipe.seed)
+        for k, v in m.items():
+            if (k.startswith("preference/") and ev.preference) or (k.startswith("perplexity/") and ev.perplexity):
+                out["metrics"][k] = v
+        out["scores"] = scores
+        out["timing_s"]["pairs"] = time.perf_counter() - t0
+    if corpus_ids is not None:
+        t0 = time.perf_counter()
+        window = _model_window(model, ev.window or recipe.data.max_length)
+        stride = min(ev.stride, window)
+        c = corpus_perplexity(model, corpus_ids, window=window, stride=stride, batch_size=ev.batch_size)
+        out["corpus"] = c
+        out["metrics"]["perplexity/corpus"] = {
+            "value": c["value"],
+            "n": c["tokens_scored"],
+            "ci95": None,
+            "nll_mean": c["nll_mean"],
+            "window": c["window"],
+            "stride": c["stride"],
+            "n_windows": c["n_windows"],
+        }
+        out["timing_s"]["corpus"] = time.perf_counter() - t0
+    if tasks:
+        t0 = time.perf_counter()
+        res = harness.run_lm_eval(
+            model,
+            tokenizer,
+            tasks,
+            limit=ev.limit,
+            batch_size=ev.batch_size,
+            bootstrap_iters=ev.bootstrap_samples,
+            seed=recipe.seed,
+            include_dir=include_dir,
+        )
+        out["lm_eval"] = res
+        out["metrics"].update(res["metrics"])
+        out["timing_s"]["lm_eval"] = time.perf_counter() - t0
+    if prompts:
+        t0 = time.perf_counter()
+        out["answers"] = generate_answers(model, tokenizer, prompts, max_new_tokens=ev.max_new_tokens)
+        out["timing_s"]["generation"] = time.perf_counter() - t0
+    return out
+
+
+def run_evaluation(
+    recipe,
+    model_dir: str | Path,
+    tokenized_dir: str | Path,
+    out_dir: str | Path,
+    base_model: str | Path | None = None,
+    log_history: str | Path | list | None = None,
+) -> dict[str, Any]:
+    """Evaluate the trained model (and the base model) and write the report.
+
+    Steps: validate every input (no model loaded yet); load the tokenizer from
+    ``tokenized_dir/tokenizer``; then for the trained model and, when
+    ``eval.compare_base``, the base model (``base_model`` or ``recipe.model`` resolved
+    with :func:`orpo_core.tiny.resolve_model_path`, embeddings resized to the
+    tokenizer): held-out preference metrics and chosen perplexity
+    (:mod:`.preference`), corpus perplexity (:mod:`.perplexity`, when ``eval.corpus``),
+    lm-eval tasks (:mod:`.harness`, when ``eval.tasks``) and greedy answers to a few
+    prompts (:mod:`.generation`). Models are loaded one at a time and freed.
+
+    Args:
+        recipe: the :class:`orpo_core.config.Recipe` (sections ``model``, ``data``,
+            ``orpo`` for beta, ``eval``).
+        model_dir: the trained model folder (merged weights or PEFT adapter).
+        tokenized_dir: the tokenize stage's folder (``test.parquet``, ``tokenizer/``).
+        out_dir: where ``eval.json``, ``eval.md`` and ``curves.png`` go.
+        base_model: base model path or Hub id (None: from the recipe).
+        log_history: Trainer log history (list, or path to ``log_history.json``) for
+            ``curves.png``.
+
+    Returns:
+        The content of ``eval.json``: ``results`` (``{"trained"|"base": {metric: value}}``
+        with keys ``preference/accuracy``, ``preference/margin``, ``preference/log_odds``,
+        ``perplexity/chosen``, ``perplexity/corpus``, ``lm_eval/<task>/<metric>``),
+        ``deltas`` (trained − base), ``metrics`` (each value with ``n`` and ``ci95`` or
+        lm-eval ``stderr``/version/n-shot), ``delta_details`` (paired bootstrap CIs),
+        ``models`` (path, kind, revision, weight/config sha256), ``settings``,
+        ``lm_eval`` (task versions, n-shot, higher_is_better, data files),
+        ``generations``, ``timing_s``, ``files``.
+
+    Raises:
+        EvalInputError: missing/invalid model folder, tokenizer, held-out file, corpus
+            or log history, unknown lm-eval task, missing offline task file. All of
+            these are checked before any model is loaded.
+    """
+    t_start = time.perf_counter()
+    ev = recipe.eval
+    mcfg = recipe.require_model()
+    # ------------------------------------------------------------ validate (no model loaded)
+    trained_src = loading.validate_model_source(model_dir, role="trained model", must_be_local=True)
+    tokenized_dir = Path(tokenized_dir)
+    tok_dir = tokenized_dir / "tokenizer"
+    if not (tok_dir.is_dir() and (tok_dir / "tokenizer_config.json").is_file()):
+        raise EvalInputError(f"tokenizer folder {tok_dir} does not exist or has no tokenizer_config.json")
+    test_path = tokenized_dir / "test.parquet"
+    need_pairs = ev.preference or ev.perplexity or (not ev.prompts and ev.n_prompts > 0)
+    pairs = load_pairs(test_path, ev.max_pairs) if need_pairs else []
+    corpus_text = read_corpus(ev.corpus) if (ev.perplexity and ev.corpus) else None
+    tasks = harness.resolve_tasks(list(ev.tasks), ev.tasks_dir) if ev.tasks else []
+    history = load_log_history(log_history)
+    base_src = None
+    if ev.compare_base:
+        if base_model is None:
+            from orpo_core.tiny import resolve_model_path
+
+            base_model = resolve_model_path(mcfg, recipe.out_dir, recipe.seed)
+        revision = mcfg.revision if str(base_model) == mcfg.name_or_path else None
+        base_src = loading.validate_model_source(base_model, role="base model", revision=revision)
+
+    # ------------------------------------------------------------ shared inputs
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    corpus_ids = None
+    if corpus_text is not None:
+        corpus_ids = tokenize_corpus(tokenizer, corpus_text, ev.corpus_max_tokens)
+        if len(corpus_ids) < 2:
+            raise EvalInputError(f"corpus file {ev.corpus} has fewer than 2 tokens")
+    prompts = build_prompts(tokenizer, list(ev.prompts), [p.prompt for p in pairs], ev.n_prompts)
+    notes: list[str] = []
+    if need_pairs and not pairs:
+        notes.append(f"{test_path} has no rows: held-out preference metrics and chosen perplexity were skipped.")
+
+    # ------------------------------------------------------------ evaluate each model
+    import tempfile
+
+    runs: dict[str, dict[str, Any]] = {}
+    models_info: dict[str, Any] = {}
+    order = [("trained", trained_src)] + ([("base", base_src)] if base_src is not None else [])
+    with tempfile.TemporaryDirectory(prefix="orpo-lm-eval-") as include_dir:
+        for label, src in order:
+            log.info("evaluating %s model %s", label, src.name_or_path)
+            t0 = time.perf_counter()
+            model = loading.load_eval_model(
+                src,
+                tokenizer,
+                dtype=mcfg.dtype,
+                trust_remote_code=mcfg.trust_remote_code,
+                attn_implementation=mcfg.attn_implementation,
+                seed=recipe.seed,
+            )
+            load_s = time.perf_counter() - t0
+            models_info[label] = loading.describe_source(src, model)
+            runs[label] = evaluate_model(
+                model,
+                tokenizer,
+                recipe=recipe,
+                pairs=pairs,
+                corpus_ids=corpus_ids,
+                tasks=tasks,
+                prompts=prompts,
+                include_dir=str(Path(include_dir) / label),
+            )
+            runs[label]["timing_s"]["load"] = load_s
+            del model
+            loading.free_memory()
+
+    # ------------------------------------------------------------ assemble
+    metrics = {label: r["metrics"] for label, r in runs.items()}
+    results = {label: {k: v["value"] for k, v in m.items()} for label, m in metrics.items()}
+    deltas: dict[str, float] = {}
+    delta_details: dict[str, dict[str, Any]] = {}
+    if "base" in results:
+        for k, v in results["trained"].items():
+            b = results["base"].get(k)
+            if isinstance(v, (int, float)) and isinstance(b, (int, float)):
+                deltas[k] = float(v) - float(b)
+                delta_details[k] = {"value": deltas[k], "n": metrics["trained"][k].get("n"), "ci95": None}
+        ts: PairScores | None = runs["trained"]["scores"]
+        bs: PairScores | None = runs["base"]["scores"]
+        if ts is not None and bs is not None:
+            paired = paired_deltas(ts, bs, beta=recipe.orpo.beta, bootstrap_samples=ev.bootstrap_samples, seed=recipe.seed)
+            for k, v in paired.items():
+                if k in delta_details:
+                    delta_details[k] = v
+    generations = []
+    for i, p in enumerate(prompts):
+        g = {"prompt": p.text, "source": p.source}
+        for label in ("base", "trained"):
+            if label in runs and i < len(runs[label]["answers"]):
+                g[label] = runs[label]["answers"][i]
+        generations.append(g)
+    corpus_info = None
+    if corpus_ids is not None:
+        c = runs["trained"]["corpus"]
+        corpus_info = {
+            "path": str(Path(ev.corpus).resolve()),
+            "tokens": len(corpus_ids),
+            "max_tokens": ev.corpus_max_tokens,
+            "window": c["window"],
+            "stride": c["stride"],
+            "configured_window": ev.window,
+            "configured_stride": ev.stride,
+        }
+    lm_info = None
+    if tasks:
+        lm_info = {
+            "lm_eval_version": runs["trained"]["lm_eval"].get("lm_eval_version"),
+            "tasks": runs["trained"]["lm_eval"]["tasks"],
+            "tasks_dir": str(harness.resolve_tasks_dir(ev.tasks_dir)),
+        }
+    gate_value = results["trained"].get(ev.gate_metric)
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "run_name": recipe.run_name,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "models": models_info,
+        "results": results,
+        "deltas": deltas,
+        "metrics": metrics,
+        "delta_details": delta_details,
+        "gate": {"metric": ev.gate_metric, "mode": ev.gate_mode, "value": gate_value},
+        "settings": {
+            "seed": recipe.seed,
+            "beta": recipe.orpo.beta,
+            "bootstrap_samples": ev.bootstrap_samples,
+            "batch_size": ev.batch_size,
+            "heldout_file": str(test_path.resolve()) if need_pairs else None,
+            "tokenizer_dir": str(tok_dir.resolve()),
+            "n_pairs": len(pairs),
+            "max_pairs": ev.max_pairs,
+            "corpus": corpus_info,
+            "lm_eval": {"tasks": list(ev.tasks), "limit": ev.limit, "tasks_dir": ev.tasks_dir},
+            "max_new_tokens": ev.max_new_tokens,
+            "eval_section_hash": recipe.section_hash("eval"),
+        },
+        "lm_eval": lm_info,
+        "generations": generations,
+        "timing_s": {label: r["timing_s"] for label, r in runs.items()},
+        "notes": notes,
+    }
+    if gate_value is None and ev.gate_metric:
+        notes.append(f"gate metric {ev.gate_metric!r} was not computed in this evaluation.")
+    report["timing_s"]["total"] = time.perf_counter() - t_start
+    write_report(report, out_dir, history)
+    return report
