@@ -1,0 +1,14 @@
+"""Prefect tasks of the ORPO pipeline: thin wrappers over ``orpo_core`` that pass paths, never tensors.
+
+One task per stage (prepare, tokenize, train, evaluate, push). The four data and
+model stages are cached on content (:mod:`tasks.caching`), persist small JSON
+results, and retry with exponential backoff; push retries only transient errors.
+"""
+
+from .evaluate import evaluate_task
+from .prepare import prepare_task
+from .push import last_published_task, push_task, resolve_hf_token
+from .tokenize_data import tokenize_task
+from .train import train_task
+
+__all__ = ["prepare_task", "tokenize_task", "train_task", "evaluate_task", "push_task", "last_published_task", "resolve_hf_token"]

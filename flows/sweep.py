@@ -1,0 +1,331 @@
+"""Ablation sweep: train + evaluate every point of a grid, sharing the cached data stages.
+
+``ablation_sweep(recipe, grid={"orpo.alpha": [0.5, 1.0], "orpo.beta": [0.05, 0.1]})``
+runs the cartesian product (4 points). Each point is the recipe with the grid
+values as overrides, ``run_name`` suffixed (``quickstart-a0.5-b0.05``) and its
+own output folder ``<run>/sweep/<suffix>/`` (``train/``, ``eval/``). Points
+whose data-stage fields equal the base recipe's share ``<run>/data`` and
+``<run>/tokenized`` (prepared once, or found cached from an earlier
+``orpo run``); a grid over data / tokenizer fields gives those points their
+own data folders. The base model is evaluated once (with the first point)
+unless the grid changes the model or eval sections.
+
+Train and evaluate tasks are submitted to a ``ThreadPoolTaskRunner`` whose
+``max_workers`` is ``ORPO_SWEEP_MAX_WORKERS`` (default 1: one training at a time,
+no CPU oversubscription; raise it on hosts with several GPUs or spare cores),
+read at each flow run.
+
+Outputs in ``<run>/sweep/``: ``sweep.json`` (every point's metrics),
+``sweep.md`` (comparison table), ``sweep.png`` (gate metric and preference
+accuracy per point, with 95 % CIs when reported, base model as a dashed line),
+plus a table artifact and a markdown artifact in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.pipeline import eval_metrics, load, run_stage
+from tasks import evaluate_task, prepare_task, tokenize_task, train_task
+from tasks.caching import STAGE_FIELDS, hash_obj, recipe_fields
+from tasks.common import artifact_key, json_safe, markdown_artifact, run_logger, table_artifact
+
+SWEEP_DIR = "sweep"
+
+
+def sweep_max_workers() -> int:
+    """``ORPO_SWEEP_MAX_WORKERS`` (default 1, at least 1)."""
+    try:
+        return max(1, int(os.environ.get("ORPO_SWEEP_MAX_WORKERS", "1")))
+    except ValueError:
+        return 1
+
+
+class SweepTaskRunner(ThreadPoolTaskRunner):
+    """A ``ThreadPoolTaskRunner`` whose default ``max_workers`` is read from the environment at each run."""
+
+    def __init__(self, max_workers: int | None = None):
+        self._explicit = max_workers
+        super().__init__(max_workers=max_workers if max_workers is not None else sweep_max_workers())
+
+    def duplicate(self) -> "SweepTaskRunner":
+        return type(self)(max_workers=self._explicit)
+
+
+# --------------------------------------------------------------------------- grid
+def expand_grid(grid: dict[str, list]) -> list[dict[str, Any]]:
+    """Cartesian product of ``{dotted.key: [values]}`` in key order.
+
+    Raises:
+        ValueError: empty grid, a key that is not a dotted recipe path, or a value
+            that is not a non-empty list.
+    """
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError("the sweep grid is empty: give at least one key=[values] (e.g. orpo.beta: [0.05, 0.1])")
+    for k, v in grid.items():
+        if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", k):
+            raise ValueError(f"grid key {k!r} is not a dotted recipe path like orpo.beta")
+        if not isinstance(v, (list, tuple)) or len(v) == 0:
+            raise ValueError(f"grid values of {k!r} must be a non-empty list, got {v!r}")
+    keys = list(grid)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def _initials(name: str) -> str:
+    return "".join(w[0] for w in name.split("_") if w)
+
+
+def grid_abbreviations(keys: list[str]) -> dict[str, str]:
+    """Short names of grid keys for folder suffixes: initials of the last component
+    (``orpo.alpha`` -> ``a``, ``train.learning_rate`` -> ``lr``); the full last
+    component, then the whole path, when initials collide."""
+    for make in (lambda k: _initials(k.split(".")[-1]), lambda k: k.split(".")[-1], lambda k: k.replace(".", "_")):
+        abbr = {k: make(k) for k in keys}
+        if len(set(abbr.values())) == len(keys):
+            return abbr
+    return {k: k.replace(".", "_") for k in keys}
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, bool):
+        s = str(v).lower()
+    elif isinstance(v, float):
+        s = format(v, "g")
+    elif isinstance(v, (list, tuple)):
+        s = "+".join(_fmt_value(x) for x in v)
+    else:
+        s = str(v)
+    return re.sub(r"[^A-Za-z0-9.+_-]+", "_", s)
+
+
+def point_suffix(point: dict[str, Any], abbr: dict[str, str]) -> str:
+    """Folder / run-name suffix of a grid point, e.g. ``a0.5-b0.05``."""
+    return "-".join(f"{abbr[k]}{_fmt_value(v)}" for k, v in point.items())
+
+
+def _data_keys(d: dict[str, Any]) -> tuple[str, str]:
+    return hash_obj(recipe_fields(d, STAGE_FIELDS["prepare"])), hash_obj(recipe_fields(d, STAGE_FIELDS["tokenize"]))
+
+
+# --------------------------------------------------------------------------- report
+def _md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "–" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _ci(eval_json: str | None, metric: str) -> tuple[float, float] | None:
+    from orpo_core.model_card import extract_metrics, pick_label
+
+    if not eval_json or not Path(eval_json).is_file():
+        return None
+    m = extract_metrics(json.loads(Path(eval_json).read_text(encoding="utf-8")))
+    label = pick_label(m, "trained")
+    mv = m.get(label, {}).get(metric) if label else None
+    return mv.ci if mv is not None else None
+
+
+def plot_sweep(rows: list[dict[str, Any]], metrics: list[str], path: Path, base: dict[str, float] | None = None) -> Path:
+    """Bar chart per metric (one bar per grid point, 95 % CI error bars, base as a dashed line); PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = list(dict.fromkeys(metrics))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(5.0, 1.1 * len(rows) + 2) * len(metrics), 4.2), squeeze=False)
+    labels = [r["point"] for r in rows]
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        vals = [r.get(metric) if isinstance(r.get(metric), (int, float)) else math.nan for r in rows]
+        cis = [r.get(f"{metric} ci") for r in rows]
+        err = [[0.0] * len(rows), [0.0] * len(rows)]
+        for i, (v, ci) in enumerate(zip(vals, cis, strict=True)):
+            if ci and not math.isnan(v):
+                err[0][i], err[1][i] = max(0.0, v - ci[0]), max(0.0, ci[1] - v)
+        x = list(range(len(rows)))
+        ax.bar(x, [0 if math.isnan(v) else v for v in vals], yerr=err, capsize=4, color="#4C72B0")
+        for i, v in enumerate(vals):
+            ax.text(i, 0 if math.isnan(v) else v, "n/a" if math.isnan(v) else f"{v:.3g}", ha="center", va="bottom", fontsize=8)
+        if base and isinstance(base.get(metric), (int, float)):
+            ax.axhline(base[metric], ls="--", color="gray", label=f"base {base[metric]:.3g}")
+            ax.legend(loc="best", fontsize=8)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(metric)
+        ax.set_xlabel("grid point")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- flow
+@flow(name="orpo-ablation-sweep", task_runner=SweepTaskRunner(), description="Train + evaluate every grid point.")
+def ablation_sweep(recipe: str, grid: dict[str, list], overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run train + evaluate for every point of ``grid`` and compare them.
+
+    Args:
+        recipe: recipe YAML path.
+        grid: ``{dotted.key: [values]}``; the cartesian product is swept.
+        overrides: ``section.key=value`` applied to every point (before the grid values).
+
+    Returns:
+        ``{"grid", "gate_metric", "points": [row per point], "best", "paths": {"json", "md", "png"}}``.
+
+    Raises:
+        ValueError / RecipeError: bad grid or a point that is not a valid recipe (before any work).
+        RuntimeError: some points failed (after the table and plot are written).
+    """
+    log = run_logger()
+    overrides = list(overrides or [])
+    base = load(recipe, overrides)
+    base.require_model()
+    base_out = base.out_dir
+    sweep_dir = base_out / SWEEP_DIR
+    points = expand_grid(grid)
+    abbr = grid_abbreviations(list(grid))
+    base_d = base.to_dict()
+    base_keys = _data_keys(base_d)
+
+    plan = []
+    for pt in points:
+        suffix = point_suffix(pt, abbr)
+        pt_out = sweep_dir / suffix
+        pt_over = overrides + [f"{k}={json.dumps(v)}" for k, v in pt.items()]
+        pt_over += [f"run_name={json.dumps(f'{base.run_name}-{suffix}')}", f"output_dir={json.dumps(str(pt_out))}"]
+        r = load(recipe, pt_over)  # validates every point before any work
+        d = r.to_dict()
+        prep_key, tok_key = _data_keys(d)
+        data_dir = base_out / "data" if prep_key == base_keys[0] else pt_out / "data"
+        shared_tok = data_dir == base_out / "data" and tok_key == base_keys[1]
+        tok_dir = base_out / "tokenized" if shared_tok else pt_out / "tokenized"
+        plan.append({"point": pt, "suffix": suffix, "recipe": d, "out": pt_out, "data_dir": data_dir, "tok_dir": tok_dir})
+    if len({p["suffix"] for p in plan}) != len(plan):
+        raise ValueError(f"grid points do not have distinct folder names: {[p['suffix'] for p in plan]}")
+    log.info("sweep of %d points: %s", len(plan), ", ".join(p["suffix"] for p in plan))
+
+    # data stages: once per distinct folder, sequentially (shared by the points, usually cached)
+    states: dict[str, str] = {}
+    done: set[Path] = set()
+    for p in plan:
+        d = base_d if p["data_dir"] == base_out / "data" else p["recipe"]
+        if p["data_dir"] not in done:
+            run_stage(prepare_task, states, f"prepare:{p['data_dir']}", recipe=d, out_dir=str(p["data_dir"]))
+            done.add(p["data_dir"])
+        if p["tok_dir"] not in done:
+            d = base_d if p["tok_dir"] == base_out / "tokenized" else p["recipe"]
+            run_stage(tokenize_task, states, f"tokenize:{p['tok_dir']}", recipe=d, data_dir=str(p["data_dir"]), out_dir=str(p["tok_dir"]))
+            done.add(p["tok_dir"])
+
+    # train (parallel up to max_workers), then evaluate each trained point
+    grid_touches_eval = any(k.split(".")[0] in ("model", "eval") for k in grid)
+    train_futs = [
+        train_task.submit(recipe=p["recipe"], tokenized_dir=str(p["tok_dir"]), out_dir=str(p["out"] / "train")) for p in plan
+    ]
+    eval_futs: list[Any] = [None] * len(plan)
+    for i, (p, fut) in enumerate(zip(plan, train_futs, strict=True)):
+        fut.wait()
+        if fut.state.is_completed():
+            eval_futs[i] = evaluate_task.submit(
+                recipe=p["recipe"],
+                model_dir=str(p["out"] / "train" / "model"),
+                tokenized_dir=str(p["tok_dir"]),
+                out_dir=str(p["out"] / "eval"),
+                compare_base=(i == 0) or grid_touches_eval,
+            )
+
+    gate, mode = base.eval.gate_metric, base.eval.gate_mode
+    rows: list[dict[str, Any]] = []
+    failed: list[str] = []
+    base_metrics: dict[str, float] | None = None
+    for i, p in enumerate(plan):
+        row: dict[str, Any] = {"point": p["suffix"], **p["point"]}
+        tstate = train_futs[i].state
+        row["train"] = tstate.name
+        if not tstate.is_completed():
+            row["status"] = f"train failed: {tstate.message}"
+            failed.append(p["suffix"])
+            rows.append(row)
+            continue
+        tres = train_futs[i].result()
+        tm = tres.get("metrics") or {}
+        row["train_loss"] = tm.get("train_loss")
+        row["eval_loss"] = tm.get("eval_loss")
+        efut = eval_futs[i]
+        efut.wait()
+        row["evaluate"] = efut.state.name
+        if not efut.state.is_completed():
+            row["status"] = f"evaluate failed: {efut.state.message}"
+            failed.append(p["suffix"])
+            rows.append(row)
+            continue
+        eres = efut.result()
+        m = eval_metrics(eres["eval_json"])
+        for k in dict.fromkeys([gate, *("preference/accuracy", "preference/margin", "perplexity/chosen")]):
+            row[k] = m.get(k)
+            row[f"{k} ci"] = _ci(eres["eval_json"], k)
+        if base_metrics is None:
+            base_metrics = eval_metrics(eres["eval_json"], which="base") or None
+        row["status"] = "ok"
+        row["eval_json"] = eres["eval_json"]
+        rows.append(row)
+
+    ok = [r for r in rows if isinstance(r.get(gate), (int, float))]
+    best = (max if mode == "max" else min)(ok, key=lambda r: r[gate])["point"] if ok else None
+    metric_cols = list(dict.fromkeys([gate, "preference/accuracy", "preference/margin", "perplexity/chosen"]))
+    columns = ["point", *grid.keys(), *metric_cols, "train_loss", "eval_loss", "train", "evaluate", "status"]
+    table_rows = [{c: r.get(c) for c in columns} for r in rows]
+    md = (
+        f"# Ablation sweep of {base.run_name}\n\n"
+        f"Grid: `{json.dumps(grid)}`; gate metric `{gate}` ({mode}); best point: **{best}**.\n\n"
+        + _md_table(table_rows, columns)
+        + ("\nBase model: " + ", ".join(f"`{k}` {v:.4g}" for k, v in base_metrics.items() if k in metric_cols) + "\n" if base_metrics else "")
+        + f"\nPlot: `{sweep_dir / 'sweep.png'}`\n"
+    )
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    png = plot_sweep(rows, [gate, "preference/accuracy"], sweep_dir / "sweep.png", base_metrics)
+    summary = json_safe(
+        {
+            "recipe": recipe,
+            "grid": grid,
+            "overrides": overrides,
+            "gate_metric": gate,
+            "gate_mode": mode,
+            "best": best,
+            "base": base_metrics,
+            "points": rows,
+            "data_stages": states,
+            "paths": {"json": str(sweep_dir / "sweep.json"), "md": str(sweep_dir / "sweep.md"), "png": str(png)},
+        }
+    )
+    _write_text(sweep_dir / "sweep.json", json.dumps(summary, indent=2))
+    _write_text(sweep_dir / "sweep.md", md)
+    table_artifact(table_rows, artifact_key(base.run_name, "sweep"), f"Ablation sweep of {base.run_name} over {list(grid)}")
+    markdown_artifact(md, artifact_key(base.run_name, "sweep-report"), f"Ablation sweep report of {base.run_name}")
+    log.info("sweep table: %s", sweep_dir / "sweep.md")
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(plan)} sweep points failed: {', '.join(failed)} (see {sweep_dir / 'sweep.md'})")
+    return summary

@@ -1,0 +1,368 @@
+"""Shared pieces of the Prefect tasks: settings, stage bookkeeping, artifacts, log bridging.
+
+Settings (environment variables, read when ``tasks`` is imported):
+
+``ORPO_RESULT_STORAGE``
+    Where task results (small JSON: paths and summaries) are persisted: a
+    Prefect block slug such as ``s3-bucket/orpo-results`` or
+    ``local-file-system/orpo``, or a local folder (``/…``, ``./…``, ``~/…``). Unset: Prefect's default
+    (``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK`` or the local folder
+    ``PREFECT_RESULTS_LOCAL_STORAGE_PATH``). Workers on several hosts need a
+    shared storage *and* a shared output folder for caching to carry over.
+``ORPO_RETRIES`` / ``ORPO_RETRY_BACKOFF_S``
+    Retries per task (default 2; push: 3) and the first delay of the
+    exponential backoff (default 10 s: 10, 20, 40 ...).
+``ORPO_CACHE_EXPIRATION_H``
+    Optional lifetime of cached results in hours (default: none).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from prefect.tasks import exponential_backoff
+
+logger = logging.getLogger(__name__)
+
+RESULT_SERIALIZER = "json"
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def result_storage() -> str | Path | None:
+    """The configured result storage (``ORPO_RESULT_STORAGE``): a block slug, a local folder
+    (a value starting with ``/``, ``.`` or ``~``), or None for Prefect's default."""
+    raw = os.environ.get("ORPO_RESULT_STORAGE") or None
+    if raw and raw.startswith(("/", ".", "~")):
+        return Path(raw).expanduser().resolve()
+    return raw
+
+
+def cache_expiration() -> timedelta | None:
+    """Cached results' lifetime from ``ORPO_CACHE_EXPIRATION_H`` (None: never expire)."""
+    h = os.environ.get("ORPO_CACHE_EXPIRATION_H")
+    return timedelta(hours=float(h)) if h else None
+
+
+def retry_options(default_retries: int = 2) -> dict[str, Any]:
+    """``retries`` and exponential ``retry_delay_seconds`` for a task (see module docstring)."""
+    retries = _env_int("ORPO_RETRIES", default_retries)
+    backoff = _env_float("ORPO_RETRY_BACKOFF_S", 10.0)
+    return {
+        "retries": retries,
+        "retry_delay_seconds": exponential_backoff(backoff_factor=backoff) if backoff > 0 else 0,
+        "retry_jitter_factor": 0.2 if backoff > 0 else None,
+    }
+
+
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError)
+"""Errors a retry cannot fix: bad recipe or data (RecipeError, DataError, EvalInputError are
+ValueErrors), missing files, programming errors. Anything else (OOM, I/O, network, a killed
+data loader) is retried, training resuming from its latest checkpoint."""
+
+
+def state_exception(state: Any) -> BaseException | None:
+    """The exception carried by a failed Prefect state, or None."""
+    data = getattr(state, "data", None)
+    if isinstance(data, BaseException):
+        return data
+    try:
+        state.result()
+    except BaseException as e:  # noqa: BLE001
+        return e
+    return None
+
+
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """``retry_condition_fn`` of the cached stages: no retry for :data:`PERMANENT_ERRORS`."""
+    exc = state_exception(state)
+    return exc is not None and not isinstance(exc, PERMANENT_ERRORS)
+
+
+def cached_task_options(stage: str) -> dict[str, Any]:
+    """Task options of a cached stage: content cache policy, persisted JSON results, retries
+    (exponential backoff, not for bad input: :func:`retry_unless_bad_input`)."""
+    from .caching import StageCachePolicy
+
+    return {
+        "name": stage,
+        "cache_policy": StageCachePolicy(stage=stage),
+        "persist_result": True,
+        "result_serializer": RESULT_SERIALIZER,
+        "result_storage": result_storage(),
+        "cache_expiration": cache_expiration(),
+        "retry_condition_fn": retry_unless_bad_input,
+        **retry_options(),
+    }
+
+
+def json_safe(obj: Any) -> Any:
+    """JSON-compatible copy (non-finite floats -> None, paths -> str, unknown -> str)."""
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if hasattr(obj, "item") and callable(obj.item):
+        with contextlib.suppress(Exception):
+            return json_safe(obj.item())
+    return str(obj)
+
+
+def load_recipe_dict(recipe: Mapping[str, Any]):
+    """Validate a recipe dict (as passed between tasks) into a :class:`Recipe`."""
+    from orpo_core.config import recipe_from_dict
+
+    return recipe_from_dict(dict(recipe), where="<task parameter recipe>")
+
+
+def run_logger():
+    """Prefect's run logger inside a run, else this module's logger."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logger
+
+
+def current_cache_key() -> str | None:
+    """The cache key of the running task's transaction (None outside a cached task)."""
+    from prefect.transactions import get_transaction
+
+    txn = get_transaction()
+    return getattr(txn, "key", None) if txn is not None else None
+
+
+def artifact_key(*parts: str) -> str:
+    """An artifact key (lowercase letters, digits, dashes) from free text."""
+    key = "-".join(parts).lower()
+    key = re.sub(r"[^a-z0-9-]+", "-", key).strip("-")
+    return re.sub(r"-{2,}", "-", key)[:100] or "orpo"
+
+
+def flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, scalar) pairs of a nested dict; lists of scalars are joined."""
+    out: list[tuple[str, Any]] = []
+    if isinstance(d, Mapping):
+        for k, v in d.items():
+            out.extend(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(d, (list, tuple)):
+        if all(not isinstance(v, (Mapping, list, tuple)) for v in d):
+            out.append((prefix, ", ".join(str(v) for v in d)))
+        else:
+            for i, v in enumerate(d):
+                out.extend(flatten(v, f"{prefix}.{i}"))
+    else:
+        out.append((prefix, d))
+    return out
+
+
+def in_prefect_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+def table_artifact(rows: list[dict[str, Any]], key: str, description: str) -> None:
+    """Create a table artifact when running under Prefect (no-op otherwise); failures only warn."""
+    if not in_prefect_run() or not rows:
+        return
+    from prefect.artifacts import create_table_artifact
+
+    try:
+        create_table_artifact(table=json_safe(rows), key=key, description=description)
+    except Exception as e:  # noqa: BLE001 - the UI is best effort, the stage result is not
+        run_logger().warning("could not create table artifact %s: %s", key, e)
+
+
+def markdown_artifact(markdown: str, key: str, description: str) -> None:
+    """Create a markdown artifact when running under Prefect (no-op otherwise)."""
+    if not in_prefect_run():
+        return
+    from prefect.artifacts import create_markdown_artifact
+
+    try:
+        create_markdown_artifact(markdown=markdown, key=key, description=description)
+    except Exception as e:  # noqa: BLE001
+        run_logger().warning("could not create markdown artifact %s: %s", key, e)
+
+
+def stats_rows(stats: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Table rows ``{"key", "value"}`` of a stats dict (nested keys dotted)."""
+    return [{"key": k, "value": v} for k, v in flatten(stats)]
+
+
+# --------------------------------------------------------------------------- logs
+class _ForwardToRunLogger(logging.Handler):
+    """Forward library log records (transformers, orpo_core) to the Prefect run logger."""
+
+    def __init__(self, target: Any, level: int = logging.INFO):
+        super().__init__(level)
+        self._target = target
+        self._busy = False
+        self._thread = threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # only this task's thread: parallel sweep points each forward their own records
+        if self._busy or record.thread != self._thread:
+            return
+        self._busy = True
+        try:
+            self._target.log(record.levelno, "[%s] %s", record.name, record.getMessage())
+        except Exception:  # noqa: BLE001
+            pass
+        finally:
+            self._busy = False
+
+
+def _extra_loggers() -> set[str]:
+    from prefect.settings import get_current_settings
+
+    raw = get_current_settings().logging.extra_loggers or []
+    names = raw.split(",") if isinstance(raw, str) else list(raw)
+    return {n.strip() for n in names if n and n.strip()}
+
+
+@contextlib.contextmanager
+def library_logs_to_run(names: tuple[str, ...] = ("transformers", "orpo_core"), level: int = logging.INFO) -> Iterator[None]:
+    """Send the named libraries' logs (INFO and up) to the Prefect run logs during the block.
+
+    Loggers already listed in ``PREFECT_LOGGING_EXTRA_LOGGERS`` are left alone
+    (Prefect forwards them itself); outside a Prefect run this is a no-op.
+    """
+    if not in_prefect_run():
+        yield
+        return
+    target = run_logger()
+    try:
+        skip = _extra_loggers()
+    except Exception:  # noqa: BLE001
+        skip = set()
+    attached: list[tuple[logging.Logger, logging.Handler, int]] = []
+    for name in names:
+        if name in skip:
+            continue
+        lg = logging.getLogger(name)
+        h = _ForwardToRunLogger(target, level)
+        old_level = lg.level
+        if lg.getEffectiveLevel() > level:
+            lg.setLevel(level)
+        lg.addHandler(h)
+        attached.append((lg, h, old_level))
+    try:
+        yield
+    finally:
+        for lg, h, old_level in attached:
+            lg.removeHandler(h)
+            lg.setLevel(old_level)
+
+
+# --------------------------------------------------------------------------- progress
+def make_progress_callback(key: str, description: str = "training progress", min_interval_s: float = 5.0):
+    """A ``transformers.TrainerCallback`` that mirrors training progress in a Prefect progress artifact.
+
+    Creates the artifact at ``on_train_begin`` (0-100 %, ``global_step / max_steps``),
+    updates it at most every ``min_interval_s`` seconds and at the end, and logs each
+    Trainer log dict (loss, rewards/...) to the run logger. Returns None outside Prefect.
+    """
+    if not in_prefect_run():
+        return None
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    from transformers import TrainerCallback
+
+    log = run_logger()
+
+    class PrefectProgressCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.artifact_id = None
+            self._last = 0.0
+            self._last_pct = -1.0
+
+        def _pct(self, state) -> float:
+            if not state.max_steps:
+                return 0.0
+            return max(0.0, min(100.0, 100.0 * state.global_step / state.max_steps))
+
+        def _update(self, state, force: bool = False) -> None:
+            pct = round(self._pct(state), 1)
+            now = time.monotonic()
+            if not force and (now - self._last < min_interval_s or pct == self._last_pct):
+                return
+            try:
+                if self.artifact_id is None:
+                    self.artifact_id = create_progress_artifact(progress=pct, key=key, description=description)
+                else:
+                    update_progress_artifact(artifact_id=self.artifact_id, progress=pct)
+                self._last, self._last_pct = now, pct
+            except Exception as e:  # noqa: BLE001 - progress display must not break training
+                log.warning("progress artifact update failed: %s", e)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._update(state, force=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._update(state)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in logs.items()}
+                log.info("step %d/%d %s", state.global_step, state.max_steps, json.dumps(json_safe(shown)))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._update(state, force=True)
+
+    return PrefectProgressCallback()
+
+
+# --------------------------------------------------------------------------- stage bookkeeping
+@contextlib.contextmanager
+def stage_run(stage: str, inputs: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """Bookkeeping around one stage execution.
+
+    Clears the output folder's stamp first (a failed run must not leave a stamp
+    vouching for a half-rewritten folder), forwards library logs to the run
+    logs, and on success writes the stamp with the base key and the running
+    transaction's cache key (see :mod:`tasks.caching`). Yields a dict the
+    caller fills with ``result`` (stored in the stamp).
+    """
+    from .caching import clear_stamp, stage_base_key, write_stamp
+
+    out_dir = Path(inputs["out_dir"])
+    base = stage_base_key(stage, inputs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clear_stamp(out_dir)
+    box: dict[str, Any] = {"base_key": base, "result": None}
+    t0 = time.monotonic()
+    with library_logs_to_run():
+        yield box
+    stamp = write_stamp(out_dir, stage, base, current_cache_key(), json_safe(box.get("result")))
+    box["content_hash"] = stamp["content_hash"]
+    box["seconds"] = round(time.monotonic() - t0, 2)
+    run_logger().info("%s finished in %.1f s -> %s", stage, box["seconds"], out_dir)

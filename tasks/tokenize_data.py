@@ -1,0 +1,31 @@
+"""Prefect task: tokenization (``orpo_core.data.tokenize.tokenize_dataset``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from .common import artifact_key, cached_task_options, json_safe, load_recipe_dict, stage_run, stats_rows, table_artifact
+
+
+@task(**cached_task_options("tokenize"), description="Apply the chat template and tokenize the pairs.")
+def tokenize_task(recipe: dict[str, Any], data_dir: str, out_dir: str) -> dict[str, Any]:
+    """Tokenize ``data_dir`` (the prepare stage's folder) into ``out_dir`` (``<run>/tokenized``).
+
+    Returns:
+        ``{"stage": "tokenize", "path": out_dir, "stats": <stats.json>, "content_hash": ...}``.
+        Cached on the data folder's content, the model's tokenizer fields, the data
+        lengths and the code version.
+    """
+    from orpo_core.data.tokenize import tokenize_dataset
+
+    r = load_recipe_dict(recipe)
+    r.require_model()
+    with stage_run("tokenize", {"recipe": recipe, "data_dir": data_dir, "out_dir": out_dir}) as box:
+        stats = tokenize_dataset(r, Path(data_dir), Path(out_dir))
+        box["result"] = {"stage": "tokenize", "path": str(out_dir), "stats": json_safe(stats)}
+    shown = {k: stats[k] for k in ("tokenization", "tokenizer") if isinstance(stats, dict) and k in stats} or stats
+    table_artifact(stats_rows(shown), artifact_key(r.run_name, "tokenization-stats"), f"Tokenization stats of {r.run_name}")
+    return {**box["result"], "content_hash": box["content_hash"]}

@@ -1,0 +1,540 @@
+"""Prefect layer: content cache keys, Cached reruns, retries, the sweep and gated retraining.
+
+The orpo_core stages are replaced by fast deterministic stand-ins (installed in
+``sys.modules``) that write real files, so what is tested here is the
+orchestration: cache keys, retry semantics, artifacts, folder layout. The code
+fingerprint is pinned in the flow tests (other source edits must not turn a
+rerun into a miss mid-test); it has its own unit test below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import types
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+import tasks.caching as caching
+from tasks.caching import (
+    dir_fingerprint,
+    file_sha256,
+    read_stamp,
+    source_fingerprint,
+    stage_base_key,
+    stage_cache_key,
+    unpinned_bucket,
+    write_stamp,
+)
+
+
+# --------------------------------------------------------------------------- stand-in stages
+def acc_formula(alpha: float, beta: float, n_rows: int) -> float:
+    """The stand-in 'preference accuracy' of a trained model (independent of the stand-in code)."""
+    return round(0.4 + 0.1 * alpha + beta + 0.01 * n_rows, 6)
+
+
+class Stages:
+    def __init__(self) -> None:
+        self.calls: dict[str, list[dict]] = defaultdict(list)
+        self.fail: dict[str, int] = defaultdict(int)
+        self.train_seconds = 0.0  # > 0: trainings overlap visibly when run in parallel
+        self.active = 0
+        self.max_active = 0
+        self.lock = threading.Lock()
+
+    # prepare: one JSON pair per line in the source file -> train/test files + stats
+    def prepare_dataset(self, recipe, out_dir):
+        self.calls["prepare"].append({"out": str(out_dir)})
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        lines = Path(recipe.data.sources[0].path).read_text().splitlines()
+        (out / "train.jsonl").write_text("\n".join(lines[1:]))
+        (out / "test.jsonl").write_text(lines[0])
+        stats = {"rows_read": len(lines), "rows_kept": len(lines), "splits": {"train": len(lines) - 1, "test": 1}}
+        (out / "stats.json").write_text(json.dumps(stats))
+        return stats
+
+    def tokenize_dataset(self, recipe, data_dir, out_dir):
+        self.calls["tokenize"].append({"out": str(out_dir), "max_length": recipe.data.max_length})
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = Path(data_dir, "train.jsonl").read_text().splitlines()
+        (out / "train.ids").write_text("\n".join(str(len(r)) for r in rows))
+        stats = json.loads(Path(data_dir, "stats.json").read_text())
+        stats["tokenization"] = {"rows": len(rows), "dropped": {"too_long": 0}}
+        stats["tokenizer"] = {"fingerprint": "fake", "vocab_size": 259, "added_tokens": False}
+        (out / "stats.json").write_text(json.dumps(stats))
+        return stats
+
+    def run_training(self, recipe, tokenized_dir, out_dir, resume=True, callbacks=None):
+        out = Path(out_dir)
+        ckpt = out / "checkpoints" / "checkpoint-2"
+        self.calls["train"].append(
+            {"out": str(out), "resume": resume, "beta": recipe.orpo.beta, "alpha": recipe.orpo.alpha, "saw_checkpoint": ckpt.is_dir()}
+        )
+        logging.getLogger("transformers.trainer").info("***** Running training ***** beta=%s", recipe.orpo.beta)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "state.json").write_text("{}")
+        if self.fail["train"] > 0:
+            self.fail["train"] -= 1
+            raise ConnectionError("connection reset by peer while streaming a batch")
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        time.sleep(self.train_seconds)
+        with self.lock:
+            self.active -= 1
+        state = SimpleNamespace(global_step=0, max_steps=4)
+        for cb in callbacks or []:
+            cb.on_train_begin(None, state, None)
+        for step in range(1, 5):
+            state.global_step = step
+            for cb in callbacks or []:
+                cb.on_step_end(None, state, None)
+                cb.on_log(None, state, None, logs={"loss": 1.0 / step})
+        for cb in callbacks or []:
+            cb.on_train_end(None, state, None)
+        n_rows = len(Path(tokenized_dir, "train.ids").read_text().splitlines())
+        model = out / "model"
+        model.mkdir(parents=True, exist_ok=True)
+        (model / "state.json").write_text(json.dumps({"alpha": recipe.orpo.alpha, "beta": recipe.orpo.beta, "n_rows": n_rows}))
+        (model / "config.json").write_text("{}")
+        (model / "model.safetensors").write_bytes(hashlib.sha256((model / "state.json").read_bytes()).digest())
+        metrics = {"train_loss": 0.25, "eval_loss": 0.5}
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        (out / "log_history.json").write_text(json.dumps([{"step": 4, "loss": 0.25}]))
+        return metrics
+
+    def run_evaluation(self, recipe, model_dir, tokenized_dir, out_dir, base_model=None, log_history=None):
+        self.calls["evaluate"].append({"out": str(out_dir), "base_model": base_model, "compare_base": recipe.eval.compare_base})
+        s = json.loads(Path(model_dir, "state.json").read_text())
+        acc = acc_formula(s["alpha"], s["beta"], s["n_rows"])
+        results = {"trained": {"preference/accuracy": acc, "perplexity/chosen": 10 - acc}}
+        if recipe.eval.compare_base:
+            results["base"] = {"preference/accuracy": 0.5, "perplexity/chosen": 12.0}
+        report = {
+            "results": results,
+            "metrics": {"trained": {"preference/accuracy": {"value": acc, "n": 20, "ci95": [acc - 0.05, acc + 0.05]}}},
+        }
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(report))
+        (out / "eval.md").write_text(f"accuracy {acc}")
+        return report
+
+
+@pytest.fixture
+def stages(monkeypatch):
+    st = Stages()
+    for mod_name, fn in [
+        ("orpo_core.data.prepare", "prepare_dataset"),
+        ("orpo_core.data.tokenize", "tokenize_dataset"),
+        ("orpo_core.train", "run_training"),
+        ("orpo_core.evaluation", "run_evaluation"),
+    ]:
+        mod = types.ModuleType(mod_name)
+        setattr(mod, fn, getattr(st, fn))
+        monkeypatch.setitem(sys.modules, mod_name, mod)
+    monkeypatch.setattr(caching, "code_fingerprint", lambda stage: f"pinned-code-{stage}")
+    import flows.pipeline
+    import flows.retrain
+    import flows.sweep
+
+    no_delay = {"retry_delay_seconds": 0, "retry_jitter_factor": None}
+    for module in (flows.pipeline, flows.sweep, flows.retrain):
+        for name in ("prepare_task", "tokenize_task", "train_task", "evaluate_task", "push_task"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, getattr(module, name).with_options(**no_delay))
+    return st
+
+
+def _write_recipe(tmp_path: Path, n_rows: int = 10, **over) -> Path:
+    data = tmp_path / "pairs.jsonl"
+    if not data.exists():
+        data.write_text("\n".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}) for i in range(n_rows)))
+    recipe = {
+        "run_name": "flowtest",
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name_or_path": "test-org/fake-model"},
+        "data": {"sources": [{"path": str(data)}], "max_length": 64, "max_prompt_length": 32},
+        "orpo": {"beta": 0.1, "alpha": 1.0},
+        "hub": {"repo_id": "tester/orpo-flowtest", "push": False},
+    }
+    for k, v in over.items():
+        recipe[k] = {**recipe.get(k, {}), **v} if isinstance(v, dict) else v
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _task_states(flow_state) -> dict[str, str]:
+    """{task name: final state name} of a flow run, read back from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    fid = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fid])))
+    return {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in runs}
+
+
+def _run(flow_fn, **params):
+    state = flow_fn(**params, return_state=True)
+    return state.result(), _task_states(state), state
+
+
+ALL_CACHED = {"prepare": "Cached", "tokenize": "Cached", "train": "Cached", "evaluate": "Cached"}
+
+
+# --------------------------------------------------------------------------- pipeline caching
+@pytest.mark.prefect
+def test_rerun_cached_and_beta_change(prefect_harness, stages, tmp_path):
+    from flows.pipeline import orpo_pipeline
+
+    recipe = str(_write_recipe(tmp_path))
+    r1, s1, _ = _run(orpo_pipeline, recipe=recipe)
+    assert s1 == {"prepare": "Completed", "tokenize": "Completed", "train": "Completed", "evaluate": "Completed", "push": "Completed"}
+    assert r1["metrics"]["preference/accuracy"] == acc_formula(1.0, 0.1, 9)
+    assert r1["push"]["dry_run"] is True and Path(r1["paths"]["hub"], "README.md").is_file()
+
+    # same recipe again: every cached stage is Cached, nothing re-ran
+    r2, s2, _ = _run(orpo_pipeline, recipe=recipe)
+    assert {k: s2[k] for k in ALL_CACHED} == ALL_CACHED
+    assert r2["stages"] == {**ALL_CACHED, "push": "Completed"}
+    assert {k: len(v) for k, v in stages.calls.items()} == {"prepare": 1, "tokenize": 1, "train": 1, "evaluate": 1}
+    assert r2["metrics"] == r1["metrics"]
+
+    # only orpo.beta changes: train and evaluate rerun, the data stages are cached
+    r3, s3, _ = _run(orpo_pipeline, recipe=recipe, overrides=["orpo.beta=0.2"])
+    assert (s3["prepare"], s3["tokenize"], s3["train"], s3["evaluate"]) == ("Cached", "Cached", "Completed", "Completed")
+    assert stages.calls["train"][-1]["beta"] == 0.2 and len(stages.calls["prepare"]) == 1
+    assert r3["metrics"]["preference/accuracy"] == acc_formula(1.0, 0.2, 9)
+
+    # back to beta 0.1: the run folder now holds the beta 0.2 model, so the old cache entry must not be used
+    r4, s4, _ = _run(orpo_pipeline, recipe=recipe)
+    assert (s4["prepare"], s4["tokenize"], s4["train"], s4["evaluate"]) == ("Cached", "Cached", "Completed", "Completed")
+    assert r4["metrics"] == r1["metrics"]
+    # a new configuration never resumes from the previous one's checkpoints
+    assert [c["resume"] for c in stages.calls["train"]] == [False, False, False]
+    assert [c["saw_checkpoint"] for c in stages.calls["train"]] == [False, False, False]
+
+
+@pytest.mark.prefect
+def test_deleted_or_changed_outputs_invalidate(prefect_harness, stages, tmp_path):
+    import shutil
+
+    from flows.pipeline import orpo_pipeline
+
+    recipe_path = _write_recipe(tmp_path)
+    recipe = str(recipe_path)
+    _run(orpo_pipeline, recipe=recipe)
+    # deleted tokenized folder: tokenize reruns; it produces the same content, so train stays cached
+    shutil.rmtree(tmp_path / "run" / "tokenized")
+    _, s, _ = _run(orpo_pipeline, recipe=recipe)
+    assert (s["prepare"], s["tokenize"], s["train"], s["evaluate"]) == ("Cached", "Completed", "Cached", "Cached")
+    # a modified model file: train reruns
+    (tmp_path / "run" / "train" / "model" / "config.json").write_text('{"edited": true}')
+    _, s, _ = _run(orpo_pipeline, recipe=recipe)
+    assert (s["prepare"], s["tokenize"], s["train"]) == ("Cached", "Cached", "Completed")
+    # new source rows: everything reruns
+    with open(tmp_path / "pairs.jsonl", "a") as f:
+        f.write("\n" + json.dumps({"prompt": "q-new", "chosen": "a", "rejected": "b"}))
+    r, s, _ = _run(orpo_pipeline, recipe=recipe)
+    assert {k: s[k] for k in ALL_CACHED} == {k: "Completed" for k in ALL_CACHED}
+    assert r["metrics"]["preference/accuracy"] == acc_formula(1.0, 0.1, 10)
+    # a max_length change reruns tokenize (and, its output being identical, nothing after it)
+    _, s, _ = _run(orpo_pipeline, recipe=recipe, overrides=["data.max_length=80"])
+    assert (s["prepare"], s["tokenize"]) == ("Cached", "Completed")
+    assert stages.calls["tokenize"][-1]["max_length"] == 80
+
+
+@pytest.mark.prefect
+def test_transient_failure_retried_and_ui_artifacts(prefect_harness, stages, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.pipeline import orpo_pipeline
+
+    stages.fail["train"] = 1
+    r, s, state = _run(orpo_pipeline, recipe=str(_write_recipe(tmp_path)))
+    assert s["train"] == "Completed" and r["metrics"]["preference/accuracy"] == acc_formula(1.0, 0.1, 9)
+    # the earlier stages ran once; the retry resumed from the checkpoint written before the failure
+    assert len(stages.calls["prepare"]) == 1 and len(stages.calls["tokenize"]) == 1
+    assert [(c["resume"], c["saw_checkpoint"]) for c in stages.calls["train"]] == [(False, False), (True, True)]
+    fid = state.state_details.flow_run_id
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fid])))
+        train_run = next(t for t in runs if t.name.startswith("train"))
+        assert train_run.run_count == 2
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fid])))
+        keys = ["flowtest-data-stats", "flowtest-eval-results", "flowtest-training-progress", "flowtest-model-card"]
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    messages = "\n".join(lg.message for lg in logs)
+    assert "Retry 1/2" in messages
+    assert "[transformers.trainer] ***** Running training ***** beta=0.1" in messages  # transformers logs in the run
+    assert '"loss": 0.25' in messages  # Trainer log dicts from the progress callback
+    latest = {}
+    for a in sorted(arts, key=lambda a: a.created):
+        latest[a.key] = a
+    assert set(latest) == set(keys)
+    assert latest["flowtest-training-progress"].type == "progress" and float(latest["flowtest-training-progress"].data) == 100.0
+    assert latest["flowtest-data-stats"].type == "table"
+    table = json.loads(latest["flowtest-data-stats"].data)
+    assert {"key": "rows_read", "value": 10} in table
+    eval_rows = json.loads(latest["flowtest-eval-results"].data)
+    acc_row = next(row for row in eval_rows if row["metric"] == "preference/accuracy")
+    assert acc_row["trained"] == acc_formula(1.0, 0.1, 9) and acc_row["base"] == 0.5
+    assert latest["flowtest-model-card"].type == "markdown" and "model-index" in latest["flowtest-model-card"].data
+
+
+@pytest.mark.prefect
+def test_permanent_failure_fails_the_flow(prefect_harness, stages, tmp_path):
+    from flows.pipeline import orpo_pipeline
+    from orpo_core.config import RecipeError
+
+    with pytest.raises(RecipeError, match="orpo.nonsense"):
+        orpo_pipeline(recipe=str(_write_recipe(tmp_path)), overrides=["orpo.nonsense=1"])
+    assert not stages.calls
+    stages.fail["train"] = 5  # more failures than retries
+    with pytest.raises(ConnectionError):
+        orpo_pipeline(recipe=str(_write_recipe(tmp_path)))
+    assert len(stages.calls["train"]) == 3 and "evaluate" not in stages.calls
+    # bad input is not retried: a DataError-like ValueError fails at the first attempt
+    from orpo_core.data.errors import DataError
+
+    def bad_data(recipe, out_dir):
+        stages.calls["bad"].append(1)
+        raise DataError("pairs.jsonl line 3: field 'chosen' is missing")
+
+    sys.modules["orpo_core.data.prepare"].prepare_dataset = bad_data
+    with pytest.raises(DataError, match="line 3"):
+        orpo_pipeline(recipe=str(_write_recipe(tmp_path)), overrides=["seed=7"])
+    assert stages.calls["bad"] == [1]
+
+
+# --------------------------------------------------------------------------- sweep
+@pytest.mark.prefect
+def test_sweep_2x2(prefect_harness, stages, tmp_path, monkeypatch):
+    from matplotlib.image import imread
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.sweep import ablation_sweep
+
+    grid = {"orpo.alpha": [0.5, 1.0], "orpo.beta": [0.05, 0.1]}
+    recipe = str(_write_recipe(tmp_path))
+    monkeypatch.setenv("ORPO_SWEEP_MAX_WORKERS", "2")  # two points train concurrently
+    stages.train_seconds = 0.5
+    out = ablation_sweep(recipe=recipe, grid=grid)
+    assert stages.max_active == 2
+    # data stages shared: once; train + evaluate per point
+    assert {k: len(v) for k, v in stages.calls.items()} == {"prepare": 1, "tokenize": 1, "train": 4, "evaluate": 4}
+    assert [c["compare_base"] for c in stages.calls["evaluate"]] == [True, False, False, False]  # base evaluated once
+    expected = {f"a{a:g}-b{b:g}": acc_formula(a, b, 9) for a in (0.5, 1.0) for b in (0.05, 0.1)}
+    rows = {row["point"]: row for row in out["points"]}
+    assert set(rows) == set(expected)
+    for point, acc in expected.items():
+        assert rows[point]["preference/accuracy"] == pytest.approx(acc)
+        assert rows[point]["status"] == "ok"
+        assert (tmp_path / "run" / "sweep" / point / "train" / "model" / "state.json").is_file()
+    assert out["best"] == max(expected, key=expected.get)
+    assert out["base"]["preference/accuracy"] == 0.5
+    sweep_dir = tmp_path / "run" / "sweep"
+    assert json.loads((sweep_dir / "sweep.json").read_text())["best"] == out["best"]
+    md = (sweep_dir / "sweep.md").read_text()
+    assert all(f"| {p} |" in md for p in expected)
+    png = sweep_dir / "sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = imread(png)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["flowtest-sweep"])))
+    table = json.loads(sorted(arts, key=lambda a: a.created)[-1].data)
+    assert sorted(r["point"] for r in table) == sorted(expected)
+
+    # the same sweep again: everything cached, nothing re-trained
+    again = ablation_sweep(recipe=recipe, grid=grid)
+    assert len(stages.calls["train"]) == 4 and len(stages.calls["evaluate"]) == 4
+    assert {r["train"] for r in again["points"]} == {"Cached"}
+
+
+@pytest.mark.prefect
+def test_sweep_rejects_bad_grid_before_work(prefect_harness, stages, tmp_path):
+    from flows.sweep import ablation_sweep
+    from orpo_core.config import RecipeError
+
+    recipe = str(_write_recipe(tmp_path))
+    with pytest.raises(RecipeError, match="orpo.gamma"):
+        ablation_sweep(recipe=recipe, grid={"orpo.beta": [0.1], "orpo.gamma": [1, 2]})
+    with pytest.raises(ValueError, match="non-empty list"):
+        ablation_sweep(recipe=recipe, grid={"orpo.beta": []})
+    assert not stages.calls
+
+
+# --------------------------------------------------------------------------- retrain
+@pytest.mark.prefect
+def test_retrain_publishes_only_improvements(prefect_harness, stages, tmp_path, monkeypatch):
+    import orpo_core.hub as hub
+    from flows.retrain import retrain
+
+    uploads = []
+
+    class FakeApi:
+        def create_repo(self, *a, **k):
+            pass
+
+        def upload_folder(self, **kw):
+            uploads.append(kw)
+            return SimpleNamespace(commit_url=f"https://huggingface.co/x/commit/{len(uploads)}")
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_fakefakefakefakefake")
+    recipe = str(_write_recipe(tmp_path, hub={"push": True}))
+
+    r1, s1, _ = _run(retrain, recipe=recipe)
+    assert r1["gate"]["publish"] and r1["gate"]["previous"] is None and len(uploads) == 1
+    record = json.loads((tmp_path / "run" / "published.json").read_text())
+    assert record["metrics"]["preference/accuracy"] == acc_formula(1.0, 0.1, 9)
+
+    # same data: prepare is refreshed (reruns) but the identical content leaves the rest cached; no gain -> no push
+    r2, s2, _ = _run(retrain, recipe=recipe)
+    assert s2["prepare"] == "Completed" and (s2["tokenize"], s2["train"], s2["evaluate"]) == ("Cached", "Cached", "Cached")
+    assert not r2["gate"]["publish"] and r2["gate"]["previous_source"] == "record" and len(uploads) == 1
+    assert "push" not in s2
+
+    # fresh rows improve the stand-in metric -> published, record updated
+    with open(tmp_path / "pairs.jsonl", "a") as f:
+        f.write("\n" + json.dumps({"prompt": "fresh", "chosen": "a", "rejected": "b"}))
+    r3, s3, _ = _run(retrain, recipe=recipe)
+    assert r3["gate"]["publish"] and r3["gate"]["new"] > r3["gate"]["previous"] and len(uploads) == 2
+    assert s3["train"] == "Completed"
+    assert json.loads((tmp_path / "run" / "published.json").read_text())["metrics"]["preference/accuracy"] == acc_formula(1.0, 0.1, 10)
+
+
+def test_sweep_task_runner_reads_env_per_run(monkeypatch):
+    from flows.sweep import SweepTaskRunner, ablation_sweep
+
+    monkeypatch.setenv("ORPO_SWEEP_MAX_WORKERS", "3")
+    assert ablation_sweep.task_runner.duplicate()._max_workers == 3
+    monkeypatch.delenv("ORPO_SWEEP_MAX_WORKERS")
+    assert ablation_sweep.task_runner.duplicate()._max_workers == 1  # default: no oversubscription
+    assert SweepTaskRunner(max_workers=4).duplicate()._max_workers == 4
+
+
+def test_gate_decision():
+    from flows.retrain import gate_decision
+
+    assert gate_decision(0.7, None)[0] is True
+    assert gate_decision(None, 0.5)[0] is False
+    assert gate_decision(0.7, 0.6, "max")[0] is True
+    assert gate_decision(0.6, 0.6, "max")[0] is False
+    assert gate_decision(5.0, 6.0, "min")[0] is True
+    assert gate_decision(6.0, 5.0, "min")[0] is False
+
+
+# --------------------------------------------------------------------------- cache-key units (no Prefect)
+def test_file_and_dir_fingerprints(tmp_path):
+    f = tmp_path / "d" / "a.bin"
+    f.parent.mkdir()
+    payload = os.urandom(3 << 20)  # several read chunks
+    f.write_bytes(payload)
+    assert file_sha256(f) == hashlib.sha256(payload).hexdigest()
+    (tmp_path / "d" / "sub").mkdir()
+    (tmp_path / "d" / "sub" / "b.txt").write_text("b")
+    h1 = dir_fingerprint(tmp_path / "d")
+    os.utime(f, ns=(1, 1))  # mtime changes, content does not
+    assert dir_fingerprint(tmp_path / "d") == h1
+    (tmp_path / "d" / "sub" / "b.txt").write_text("c")
+    assert dir_fingerprint(tmp_path / "d") != h1
+    (tmp_path / "d" / ".stage.json").write_text("{}")  # stamps are not content
+    h2 = dir_fingerprint(tmp_path / "d")
+    (tmp_path / "d" / ".stage.json").write_text('{"x": 1}')
+    assert dir_fingerprint(tmp_path / "d") == h2
+    assert dir_fingerprint(tmp_path / "missing").startswith("missing:")
+
+
+def test_source_fingerprints(tmp_path, monkeypatch):
+    p = tmp_path / "x.jsonl"
+    p.write_text("1")
+    local = source_fingerprint({"path": str(p)})
+    p.write_text("2")
+    assert source_fingerprint({"path": str(p)}) != local
+    assert source_fingerprint({"path": "org/data", "revision": "abc"}) == "hub:org/data@abc"
+    assert source_fingerprint({"synthetic": {"task": "arithmetic"}}) == "synthetic"
+    monkeypatch.setenv("ORPO_UNPINNED_CACHE_HOURS", "24")
+    t = 1_700_000_000.0
+    day_start = t // 86400 * 86400
+    assert unpinned_bucket(day_start) == unpinned_bucket(day_start + 86399)
+    assert unpinned_bucket(day_start) != unpinned_bucket(day_start + 86400)
+    assert "@unpinned:" in source_fingerprint({"path": "org/data"})
+
+
+def test_code_fingerprint_tracks_stage_sources(tmp_path, monkeypatch):
+    root = tmp_path / "orpo_core"
+    (root / "data").mkdir(parents=True)
+    for rel in ("__init__.py", "config.py", "synthetic.py", "data/prepare.py", "data/tokenize.py", "train.py", "hub.py"):
+        (root / rel).write_text(f"# {rel}\n")
+    monkeypatch.setattr(caching, "_ORPO_ROOT", root)
+    before = {s: caching.code_fingerprint(s) for s in ("prepare", "tokenize", "train", "evaluate")}
+    (root / "data" / "prepare.py").write_text("# changed\n")
+    after = {s: caching.code_fingerprint(s) for s in before}
+    assert after["prepare"] != before["prepare"] and after["tokenize"] != before["tokenize"]
+    (root / "hub.py").write_text("# publishing only\n")
+    assert {s: caching.code_fingerprint(s) for s in before} == after  # no stage depends on hub.py
+    (root / "train.py").write_text("# new trainer\n")
+    final = {s: caching.code_fingerprint(s) for s in before}
+    assert final["train"] != after["train"] and final["prepare"] == after["prepare"]
+
+
+def test_stage_key_follows_stamp_and_recipe(tmp_path, monkeypatch):
+    monkeypatch.setattr(caching, "code_fingerprint", lambda stage: "pinned")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.parquet").write_bytes(b"rows")
+    recipe = {"model": {"name_or_path": "m", "tiny": {"tokenizer": "char"}}, "data": {"max_length": 8, "max_prompt_length": 4}}
+    inputs = {"recipe": recipe, "data_dir": str(data), "out_dir": str(tmp_path / "tok")}
+    k1, k2 = stage_cache_key("tokenize", inputs), stage_cache_key("tokenize", inputs)
+    assert k1 != k2  # no stamp yet: always a miss
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "train.parquet").write_bytes(b"ids")
+    write_stamp(out, "tokenize", stage_base_key("tokenize", inputs), "the-key")
+    assert read_stamp(out)["cache_key"] == "the-key"
+    assert stage_cache_key("tokenize", inputs) == "the-key"  # intact output, same inputs: hit
+    # the stamp's per-file hashes are reused for the folder's content hash
+    assert dir_fingerprint(out) == dir_fingerprint(out)
+    other = {**inputs, "recipe": {**recipe, "data": {"max_length": 9, "max_prompt_length": 4}}}
+    assert stage_cache_key("tokenize", other) != "the-key"
+    (data / "train.parquet").write_bytes(b"other rows")  # upstream content changed
+    assert stage_cache_key("tokenize", inputs) != "the-key"
+    (data / "train.parquet").write_bytes(b"rows")
+    assert stage_cache_key("tokenize", inputs) == "the-key"
+    (out / "extra.txt").write_text("x")  # output folder changed
+    assert stage_cache_key("tokenize", inputs) != "the-key"
+
+
+def test_grid_helpers():
+    from flows.sweep import expand_grid, grid_abbreviations, point_suffix
+
+    pts = expand_grid({"orpo.alpha": [0.5, 1.0], "orpo.beta": [0.05, 0.1, 0.2]})
+    assert len(pts) == 6 and pts[0] == {"orpo.alpha": 0.5, "orpo.beta": 0.05} and pts[-1] == {"orpo.alpha": 1.0, "orpo.beta": 0.2}
+    ab = grid_abbreviations(["orpo.alpha", "orpo.beta"])
+    assert point_suffix(pts[0], ab) == "a0.5-b0.05"
+    assert grid_abbreviations(["train.learning_rate"]) == {"train.learning_rate": "lr"}
+    assert grid_abbreviations(["orpo.beta", "train.batch"]) == {"orpo.beta": "beta", "train.batch": "batch"}
+    assert point_suffix({"peft.method": "lora", "x.flag": True}, grid_abbreviations(["peft.method", "x.flag"])) == "mlora-ftrue"
+    for bad in ({}, {"orpo.beta": 0.1}, {"orpo.beta": []}, {"not a key": [1]}):
+        with pytest.raises(ValueError):
+            expand_grid(bad)
