@@ -51,7 +51,14 @@ def _fail(e: BaseException) -> None:
         from orpo_core.data.errors import DataError
     except ImportError:  # pragma: no cover
         DataError = RecipeError  # type: ignore
-    code = 2 if isinstance(e, (RecipeError, DataError, FileNotFoundError)) else 1
+    bad_input: tuple[type[BaseException], ...] = (RecipeError, DataError, FileNotFoundError)
+    try:
+        from orpo_core.hub import HubError
+
+        bad_input += (HubError,)
+    except ImportError:  # pragma: no cover
+        pass
+    code = 2 if isinstance(e, bad_input) else 1
     console.print(f"[red]error:[/red] {type(e).__name__}: {e}")
     raise typer.Exit(code) from None
 

@@ -214,7 +214,12 @@ def source_fingerprint(source: Mapping[str, Any]) -> str:
     path = str(source.get("path"))
     p = Path(path).expanduser()
     if p.exists():
-        return f"local:{dir_fingerprint(p)}"
+        fp = f"local:{dir_fingerprint(p)}"
+        test_split = source.get("test_split")
+        if test_split and Path(str(test_split)).expanduser().exists():
+            # a separate local test file (e.g. UltraFeedback's eval file) is an input too
+            fp += f"+test:{dir_fingerprint(Path(str(test_split)).expanduser())}"
+        return fp
     rev = source.get("revision")
     return f"hub:{path}@{rev}" if rev else f"hub:{path}@unpinned:{unpinned_bucket()}"
 
