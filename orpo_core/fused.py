@@ -1,0 +1,345 @@
+"""Chunked, fused lm-head + ORPO loss in plain PyTorch.
+
+The unfused loss needs the ``[2B, T, V]`` logits (and, in backward, a gradient of
+the same size): for a 150k-token vocabulary, 2 x 1024 tokens of a pair that is
+1.2 GB in float32 each. Here the lm-head projection is fused with the
+log-softmax: the hidden states of the *needed* target positions only (completion
+tokens of every row, plus the chosen rows' NLL tokens) are projected
+``chunk_size`` tokens at a time, each chunk is reduced at once to a per-token
+target log-probability ``z[target] - logsumexp(z)`` and a logit sum, and
+discarded. A custom :class:`torch.autograd.Function` saves only the gathered
+hidden states, the weight (a reference), the targets and the per-token
+log-sum-exp; its backward recomputes each chunk's logits and softmax and
+accumulates ``grad_hidden`` and ``grad_weight`` / ``grad_bias``
+(``d logp / d z = onehot(target) - softmax(z)``). Peak extra memory is
+``O(chunk_size * V)`` (plus a ``V * H`` float32 weight-gradient accumulator
+when the lm-head is trainable), never ``O(N_tokens * V)``.
+
+This is the same idea as Liger-Kernel's ``LigerFusedLinearORPOLoss`` / Apple's
+"Cut Your Losses" (arXiv 2411.09009), written without Triton so it runs on CPU.
+The ORPO algebra after the per-token log-probs is shared with
+:mod:`orpo_core.loss` so both paths give identical values.
+
+Precision: the projection runs in the lm-head weight's dtype (bf16/fp16/fp32;
+hidden states are cast to it); logits, log-sum-exp, softmax, the per-token
+log-probs and the weight/bias-gradient accumulators are float32 (float64 when the
+weight is float64, which makes ``torch.autograd.gradcheck`` usable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from orpo_core.loss import ORPOLossOutput, _check_weights, _compute_dtype, _orpo_from_token_logps, orpo_target_masks
+
+__all__ = ["orpo_loss_from_hidden", "per_token_logps_from_hidden", "lm_head_transform_from_config"]
+
+
+def lm_head_transform_from_config(config) -> tuple[float | None, float | None]:
+    """``(logit_scale, softcap)`` a transformers model applies after its lm-head.
+
+    Reads ``final_logit_softcapping`` (Gemma 2/3: ``z = c * tanh(z / c)``) and
+    ``logit_scale`` (Cohere: ``z = z * s``) from ``config`` (or its ``text_config``).
+    Returns ``(None, None)`` for plain models (Llama, Qwen, SmolLM, Mistral, ...).
+    Models that rescale logits some other way (e.g. Granite's ``logits_scaling``,
+    a divisor) raise ``NotImplementedError`` rather than silently training on other
+    logits than the model's.
+    """
+    cfgs = [config, getattr(config, "text_config", None)]
+    scale = softcap = None
+    for cfg in cfgs:
+        if cfg is None:
+            continue
+        if getattr(cfg, "final_logit_softcapping", None):
+            softcap = float(cfg.final_logit_softcapping)
+        if getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+            scale = float(cfg.logit_scale)
+        if getattr(cfg, "logits_scaling", None) not in (None, 1, 1.0):
+            raise NotImplementedError(
+                f"fused ORPO loss: logits_scaling={cfg.logits_scaling} (Granite) is not supported; "
+                "set orpo.fused_loss: false"
+            )
+    return scale, softcap
+
+
+# --------------------------------------------------------------------------- chunk kernels
+def _no_autocast(device_type: str):
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.autocast(device_type=device_type, enabled=False)
+    except (RuntimeError, TypeError):  # device type without autocast support
+        pass
+    return contextlib.nullcontext()
+
+
+def _chunk_logits(h, weight, bias, scale, softcap):
+    """``[C, H]`` hidden -> ``(z, dz/draw)``: float32 ``[C, V]`` final logits and the
+    derivative of the post-projection transform (None when it is the identity or a
+    constant scale, which is returned as a float)."""
+    # The projection runs in the weight dtype even under autocast, so that the forward
+    # and the backward recomputation see bit-identical logits.
+    with _no_autocast(h.device.type):
+        raw = h.to(weight.dtype) @ weight.t()
+        if bias is not None:
+            raw = raw + bias.to(raw.dtype)
+    z = raw.to(_compute_dtype(weight.dtype))
+    del raw
+    deriv: torch.Tensor | float | None = None
+    if scale is not None:
+        z.mul_(scale)
+        deriv = scale
+    if softcap is not None:
+        z.div_(softcap).tanh_()
+        tanh_deriv = 1.0 - z.square()
+        deriv = tanh_deriv if deriv is None else tanh_deriv.mul_(deriv)
+        z.mul_(softcap)
+    return z, deriv
+
+
+def _chunked_forward(h, weight, bias, targets, chunk_size, scale, softcap, want_lse):
+    """Per-token ``z[target] - logsumexp(z)`` (float32 ``[N]``), ``sum_v z`` (float32 ``[N]``)
+    and, when ``want_lse``, ``logsumexp(z)`` (float32 ``[N]``)."""
+    n = h.shape[0]
+    cdt = _compute_dtype(weight.dtype)
+    logps = torch.empty(n, dtype=cdt, device=h.device)
+    sums = torch.empty(n, dtype=cdt, device=h.device)
+    lse = torch.empty(n, dtype=cdt, device=h.device) if want_lse else None
+    for start in range(0, n, chunk_size):
+        end = min(start + chunk_size, n)
+        z, _ = _chunk_logits(h[start:end], weight, bias, scale, softcap)
+        chunk_lse = torch.logsumexp(z, dim=-1)
+        logps[start:end] = z.gather(1, targets[start:end].unsqueeze(1)).squeeze(1) - chunk_lse
+        sums[start:end] = z.sum(-1)
+        if lse is not None:
+            lse[start:end] = chunk_lse
+        del z
+    return logps, sums, lse
+
+
+class _LMHeadTargetLogps(torch.autograd.Function):
+    """``(h [N, H], weight [V, H], bias [V] | None, targets [N]) -> (logps [N], logit_sums [N])``.
+
+    ``logps`` (float32) is differentiable w.r.t. ``h``, ``weight`` and ``bias``;
+    ``logit_sums`` (float32, ``sum_v z``) is not (metrics only). Saved for backward:
+    ``h``, ``weight``, ``bias``, ``targets`` and the per-token log-sum-exp.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk_size, scale, softcap):
+        logps, sums, lse = _chunked_forward(h, weight, bias, targets, chunk_size, scale, softcap, want_lse=True)
+        ctx.save_for_backward(h, weight, bias, targets, lse)
+        ctx.chunk_size, ctx.scale, ctx.softcap = chunk_size, scale, softcap
+        ctx.mark_non_differentiable(sums)
+        return logps, sums
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_sums):
+        h, weight, bias, targets, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = grad_w = grad_b = None
+        if grad_logps is None or not (need_h or need_w or need_b):
+            return grad_h, grad_w, grad_b, None, None, None, None
+        cdt = _compute_dtype(weight.dtype)
+        grad_logps = grad_logps.to(cdt)
+        if need_h:
+            grad_h = torch.empty_like(h)
+        if need_w:
+            grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device)
+        if need_b:
+            grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device)
+        n = h.shape[0]
+        rows = torch.arange(min(ctx.chunk_size, n), device=h.device)
+        for start in range(0, n, ctx.chunk_size):
+            end = min(start + ctx.chunk_size, n)
+            g = grad_logps[start:end]
+            z, deriv = _chunk_logits(h[start:end], weight, bias, ctx.scale, ctx.softcap)
+            # d(z_t - lse)/dz = onehot(t) - softmax(z); grad_z = g * (onehot - p), in place on z
+            grad_z = z.sub_(lse[start:end].unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))
+            grad_z[rows[: end - start], targets[start:end]] += g
+            if deriv is not None:
+                grad_z.mul_(deriv)
+            del deriv
+            if need_b:
+                grad_b += grad_z.sum(0)
+            grad_z_c = grad_z.to(weight.dtype)
+            del grad_z, z
+            if need_h:
+                grad_h[start:end] = (grad_z_c @ weight).to(h.dtype)
+            if need_w:
+                h_c = h[start:end].to(weight.dtype)
+                if grad_w.dtype == weight.dtype:
+                    grad_w.addmm_(grad_z_c.t(), h_c)  # in place: no [V, H] temporary per chunk
+                else:  # bf16/fp16: product in the weight dtype, accumulated in float32
+                    grad_w += grad_z_c.t() @ h_c
+            del grad_z_c
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def _check_head(hidden, weight, bias, chunk_size, scale, softcap):
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"lm_head_weight must be [V, H] with H = hidden.shape[-1]; got weight {tuple(weight.shape)}, "
+            f"hidden {tuple(hidden.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"lm_head_bias must be [V]={weight.shape[0]}, got {tuple(bias.shape)}")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be > 0, got {softcap}")
+    if scale is not None and scale <= 0:
+        raise ValueError(f"logit_scale must be > 0, got {scale}")
+
+
+def _target_logps(h, weight, bias, targets, chunk_size, scale, softcap, grad: bool):
+    """Differentiable (``grad=True``) or no-grad per-token logps and logit sums of ``h [N, H]``."""
+    if h.shape[0] == 0:
+        empty = h.new_zeros(0, dtype=_compute_dtype(weight.dtype))
+        return empty, empty
+    if grad and torch.is_grad_enabled():
+        return _LMHeadTargetLogps.apply(h, weight, bias, targets, chunk_size, scale, softcap)
+    with torch.no_grad():
+        logps, sums, _ = _chunked_forward(h, weight, bias, targets, chunk_size, scale, softcap, want_lse=False)
+    return logps, sums
+
+
+def per_token_logps_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int = 1024,
+    *,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Log-probabilities of ``targets`` under ``lm_head(hidden)``, chunked (for evaluation).
+
+    Args:
+        hidden: ``[..., H]`` hidden states (any float dtype; cast to the weight dtype for the
+            projection).
+        weight: ``[V, H]`` lm-head weight; ``bias``: ``[V]`` or None.
+        targets: ``[...]`` int token ids **already aligned** with ``hidden``: ``targets[i]``
+            is the token predicted from ``hidden[i]`` (for a causal LM pass
+            ``hidden[:, :-1]`` and ``input_ids[:, 1:]``).
+        mask: ``[...]`` bool/0-1, positions to score.
+        chunk_size: tokens projected at a time (peak extra memory ``O(chunk_size * V)``).
+        logit_scale, softcap: post-projection transform, see :func:`lm_head_transform_from_config`.
+
+    Returns:
+        ``[N]`` float32 log-probs (nats) of the ``N = mask.sum()`` masked positions in
+        row-major order; differentiable when grad is enabled.
+
+    Raises:
+        ValueError: shapes disagree, bad ``chunk_size``.
+    """
+    _check_head(hidden, weight, bias, chunk_size, logit_scale, softcap)
+    if targets.shape != hidden.shape[:-1] or mask.shape != targets.shape:
+        raise ValueError(
+            f"targets {tuple(targets.shape)} and mask {tuple(mask.shape)} must equal hidden.shape[:-1] "
+            f"{tuple(hidden.shape[:-1])}"
+        )
+    flat = mask.reshape(-1).bool().nonzero().squeeze(1)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
+    t = targets.reshape(-1).index_select(0, flat).long()
+    logps, _ = _target_logps(h, weight, bias, t, chunk_size, logit_scale, softcap, grad=True)
+    return logps
+
+
+def orpo_loss_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    lm_head_bias: torch.Tensor | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    beta: float,
+    alpha: float = 1.0,
+    nll_on_prompt: bool = True,
+    chunk_size: int = 1024,
+    nll_denominator: float | torch.Tensor | None = None,
+    pair_denominator: float | torch.Tensor | None = None,
+    logit_scale: float | None = None,
+    softcap: float | None = None,
+) -> ORPOLossOutput:
+    """Fused lm-head + ORPO loss; same values and gradients as
+    :func:`orpo_core.loss.orpo_loss_from_logits` on ``logits = lm_head(hidden)``.
+
+    Args:
+        hidden: ``[2B, T, H]`` last hidden states (after the final norm), rows laid out as in
+            :mod:`orpo_core.loss` (chosen rows first). bf16/fp16/fp32.
+        lm_head_weight: ``[V, H]`` (bf16/fp16/fp32; the projection runs in this dtype,
+            log-sum-exp and softmax in float32). May be frozen (LoRA): no weight gradient
+            is computed then.
+        lm_head_bias: ``[V]`` or None.
+        input_ids, attention_mask, completion_mask: ``[2B, T]``, see
+            :func:`orpo_core.loss.orpo_target_masks`.
+        beta, alpha, nll_on_prompt, nll_denominator, pair_denominator: as in
+            :func:`orpo_core.loss.orpo_loss_from_logits`. A term whose weight is 0 is
+            computed without graph (its tokens go through a no-grad pass, metrics only).
+        chunk_size: tokens projected at a time (flattened over the batch; only positions
+            that are targets of the log-prob or NLL masks are projected at all).
+        logit_scale: multiply logits by this (Cohere's ``logit_scale``); None = 1.
+        softcap: final logit soft-capping ``z = softcap * tanh(z / softcap)`` (Gemma 2's
+            ``final_logit_softcapping``), applied after ``logit_scale``; None = off.
+
+    Returns:
+        :class:`orpo_core.loss.ORPOLossOutput`; ``logits/*`` metrics are the mean of the
+        final (scaled/capped) logits over completion tokens and the vocabulary.
+
+    Raises:
+        ValueError: bad shapes/masks/weights (see :func:`orpo_core.loss.orpo_target_masks`).
+    """
+    if hidden.dim() != 3 or hidden.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"hidden must be [2B, T, H] matching input_ids [2B, T]; got {tuple(hidden.shape)} and "
+            f"{tuple(input_ids.shape)}"
+        )
+    _check_head(hidden, lm_head_weight, lm_head_bias, chunk_size, logit_scale, softcap)
+    _check_weights(beta, alpha, nll_denominator, pair_denominator)
+    logp_mask, nll_mask = orpo_target_masks(input_ids, attention_mask, completion_mask, nll_on_prompt)
+    n_rows, seq_len, hid = hidden.shape
+    # target position j (0..T-2) of row r is token input_ids[r, j+1], predicted from hidden[r, j]
+    grad_mask = torch.zeros_like(logp_mask)
+    if beta != 0:
+        grad_mask |= logp_mask
+    if alpha != 0:
+        grad_mask |= nll_mask
+    metric_mask = (logp_mask | nll_mask) & ~grad_mask
+
+    flat_hidden = hidden.reshape(-1, hid)  # a view for contiguous hidden (no [2B, T-1, H] copy)
+    flat_targets = input_ids[:, 1:].reshape(-1).long()
+    n_flat = flat_targets.shape[0]
+    cdt = _compute_dtype(lm_head_weight.dtype)
+    token_logps = torch.zeros(n_flat, dtype=cdt, device=hidden.device)
+    token_sums = torch.zeros(n_flat, dtype=cdt, device=hidden.device)
+    for mask, grad in ((grad_mask, True), (metric_mask, False)):
+        idx = mask.reshape(-1).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        # grid index r * (T-1) + j  ->  hidden row r * T + j
+        h = flat_hidden.index_select(0, idx + idx // (seq_len - 1))
+        logps, sums = _target_logps(
+            h, lm_head_weight, lm_head_bias, flat_targets.index_select(0, idx), chunk_size, logit_scale, softcap, grad
+        )
+        token_logps = token_logps.index_put((idx,), logps)
+        token_sums.index_put_((idx,), sums.detach())
+    vocab = lm_head_weight.shape[0]
+    return _orpo_from_token_logps(
+        token_logps.view(n_rows, seq_len - 1),
+        (token_sums / vocab).view(n_rows, seq_len - 1),
+        logp_mask,
+        nll_mask,
+        beta=beta,
+        alpha=alpha,
+        nll_denominator=nll_denominator,
+        pair_denominator=pair_denominator,
+    )
