@@ -1,0 +1,145 @@
+"""Checkpoints and resume: a training process killed with SIGKILL after a checkpoint and
+resumed ends with the same weights (and log history) as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from orpo_train_entry import build_tokenized, load_safetensors_dir, recipe_dict
+
+ENTRY = Path(__file__).resolve().parent / "orpo_train_entry.py"
+
+# 24 train pairs, batch 2 x accumulation 2: 6 optimizer steps per epoch; 9 steps cross an
+# epoch boundary; checkpoints every 2 steps; an evaluation every 3 steps in between.
+TRAIN = {
+    "max_steps": 9,
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "save_steps": 2,
+    "save_total_limit": 2,
+    "eval_steps": 3,
+    "logging_steps": 1,
+    "learning_rate": 3e-3,
+    "warmup_steps": 2,
+    "group_by_length": True,
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from orpo_core.config import recipe_from_dict
+
+    root = tmp_path_factory.mktemp("resume")
+    prep = recipe_from_dict(recipe_dict(root / "prep", n_rows=32, train=TRAIN))
+    tokenized = build_tokenized(prep)
+    return root, tokenized
+
+
+def _recipe(root: Path, name: str, **train):
+    from orpo_core.config import recipe_from_dict
+
+    d = recipe_dict(root / name, n_rows=32, train={**TRAIN, **train})
+    return d, recipe_from_dict(d)
+
+
+def test_killed_run_resumes_to_identical_weights(setup):
+    from orpo_core.train import run_training
+
+    root, tokenized = setup
+    _, ref = _recipe(root, "ref")
+    ref_result = run_training(ref, tokenized, ref.out_dir / "train")
+    assert ref_result["global_step"] == 9 and ref_result["resumed_from"] is None
+
+    d, rec = _recipe(root, "killed")
+    rec_file = root / "killed.json"
+    rec_file.write_text(json.dumps(d))
+    out = rec.out_dir / "train"
+    ckpt4 = out / "checkpoints" / "checkpoint-4"
+    proc = subprocess.Popen(
+        [sys.executable, str(ENTRY), "--recipe", str(rec_file), "--tokenized", str(tokenized), "--out", str(out),
+         "--step-sleep", "0.4"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+    try:
+        deadline = time.time() + 120
+        while not (ckpt4 / "trainer_state.json").is_file():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.time() < deadline, "checkpoint-4 never appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()
+
+    result = run_training(rec, tokenized, out, resume=True)
+    resumed = result["resumed_from"]
+    assert resumed is not None and int(Path(resumed).name.split("-")[1]) in (4, 6, 8)
+    assert result["global_step"] == 9
+
+    a = load_safetensors_dir(ref.out_dir / "train" / "model")
+    b = load_safetensors_dir(out / "model")
+    assert a.keys() == b.keys() and a
+    base = load_safetensors_dir(ref.out_dir / "base_model")
+    moved = max(float((a[k].float() - base[k].float()).abs().max()) for k in a if k in base)
+    assert moved > 1e-3  # training changed the weights, so equality below is meaningful
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+    # the restored Trainer state carries the whole log history, with the same losses
+    h_ref = json.loads((ref.out_dir / "train" / "log_history.json").read_text())
+    h_res = json.loads((out / "log_history.json").read_text())
+    loss_ref = {r["step"]: r["loss"] for r in h_ref if "loss" in r}
+    loss_res = {r["step"]: r["loss"] for r in h_res if "loss" in r}
+    assert sorted(loss_ref) == sorted(loss_res) == list(range(1, 10))
+    for step in loss_ref:
+        assert loss_res[step] == pytest.approx(loss_ref[step], rel=1e-5, abs=1e-6)
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"] == resumed
+
+
+def test_resume_refuses_checkpoints_of_other_settings_and_no_resume_starts_over(setup):
+    from orpo_core.train import TrainInputError, latest_checkpoint, run_training
+
+    root, tokenized = setup
+    _, first = _recipe(root, "sig", max_steps=2, eval_steps=None)
+    run_training(first, tokenized, first.out_dir / "train")
+    assert latest_checkpoint(first.out_dir / "train" / "checkpoints").endswith("checkpoint-2")
+
+    _, changed = _recipe(root, "sig", max_steps=2, eval_steps=None, learning_rate=1e-2)
+    with pytest.raises(TrainInputError, match="other settings"):
+        run_training(changed, tokenized, changed.out_dir / "train", resume=True)
+
+    result = run_training(changed, tokenized, changed.out_dir / "train", resume=False)
+    assert result["resumed_from"] is None and result["global_step"] == 2
+
+
+def test_latest_checkpoint_skips_incomplete(tmp_path):
+    from orpo_core.train import latest_checkpoint
+
+    d = tmp_path / "checkpoints"
+    for step, complete in ((2, True), (4, True), (6, False)):
+        c = d / f"checkpoint-{step}"
+        c.mkdir(parents=True)
+        for f in ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"]:
+            (c / f).write_bytes(b"x")
+        if complete:
+            (c / "trainer_state.json").write_text("{}")
+    (d / "checkpoint-10").mkdir()  # killed while writing weights
+    assert latest_checkpoint(d) == str(d / "checkpoint-4")
+    assert latest_checkpoint(d, remove_incomplete=True) == str(d / "checkpoint-4")
+    assert not (d / "checkpoint-6").exists() and not (d / "checkpoint-10").exists()
+    assert latest_checkpoint(tmp_path / "absent") is None
