@@ -32,6 +32,8 @@ def _setup_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _load(recipe: str, overrides: Optional[list[str]]):
@@ -142,7 +144,9 @@ def eval_(
     log_history = out / "train" / "log_history.json"
     try:
         r.require_model()
-        base_model = resolve_model_path(r.model, out, seed=r.seed) if (base and r.eval.compare_base) else None
+        if not base:
+            r.eval.compare_base = False  # run_evaluation reads the recipe: None alone means "derive the base"
+        base_model = resolve_model_path(r.model, out, seed=r.seed) if r.eval.compare_base else None
         result = run_evaluation(
             r,
             model_dir,
