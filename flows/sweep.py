@@ -272,8 +272,9 @@ def ablation_sweep(recipe: str, grid: dict[str, list], overrides: list[str] | No
             continue
         tres = train_futs[i].result()
         tm = tres.get("metrics") or {}
-        row["train_loss"] = tm.get("train_loss")
-        row["eval_loss"] = tm.get("eval_loss")
+        # metrics.json of orpo_core.train: {"train": {...train_loss...}, "eval": {...eval_loss...}}
+        row["train_loss"] = (tm.get("train") or {}).get("train_loss", tm.get("train_loss"))
+        row["eval_loss"] = (tm.get("eval") or {}).get("eval_loss", tm.get("eval_loss"))
         efut = eval_futs[i]
         efut.wait()
         row["evaluate"] = efut.state.name
