@@ -34,7 +34,14 @@ trl/experimental/orpo/orpo_trainer.py):
   ``skipped_nonfinite``.
 * **MoE router auxiliary loss** (``output_router_logits=True`` when the model config
   has it; weight ``orpo.router_aux_loss_coef`` or the config's ``router_aux_loss_coef``).
-* **Length-grouped, seeded sampling** (:class:`orpo_core.collator.LengthGroupedPairSampler`).
+* **Length-grouped, seeded sampling** (:class:`orpo_core.collator.LengthGroupedPairSampler`;
+  by shared-row length ``P + C + R`` when prompt sharing is on).
+* **Prompt sharing** (``orpo.prompt_sharing``, off by default; :mod:`orpo_core.sharing`):
+  each pair runs as one row ``[prompt | chosen | rejected]`` with a 4D mask (rejected
+  tokens do not see chosen ones) and restarted position ids; the last hidden states (or
+  logits) are gathered back into the ``[2B, T]`` layout and the loss is computed
+  unchanged, so loss, gradients, accumulation denominators and metrics are those of the
+  unshared forward while each prompt is computed once.
 """
 
 from __future__ import annotations
@@ -52,6 +59,13 @@ from .collator import LengthGroupedPairSampler, pair_lengths
 from .config import ORPOConfig, ScheduleConfig
 from .fused import lm_head_transform_from_config, orpo_loss_from_hidden
 from .loss import ORPOLossOutput, nll_token_count, orpo_loss_from_logits
+from .sharing import (
+    build_shared_batch,
+    check_prompt_sharing_support,
+    gather_pair_rows,
+    shared_pair_lengths,
+    sliding_window_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +142,9 @@ class ORPOTrainer(Trainer):
     Raises:
         ValueError: ``remove_unused_columns`` is True, or both coefficient schedules start
             at 0 (the first steps would have nothing to train).
-        NotImplementedError: ``orpo.prompt_sharing`` is set.
+        NotImplementedError: ``orpo.prompt_sharing`` is set for a model type or attention
+            implementation that does not take a custom 4D mask (see
+            :func:`orpo_core.sharing.check_prompt_sharing_support`).
     """
 
     # compute_loss returns the window-normalised loss (see module docstring)
@@ -144,11 +160,9 @@ class ORPOTrainer(Trainer):
         a0 = schedule_value(orpo.alpha, orpo.alpha_schedule, 0)
         if b0 == 0 and a0 == 0:
             raise ValueError("orpo.beta_schedule and orpo.alpha_schedule both start at 0: step 0 would train nothing")
-        if orpo.prompt_sharing:
-            raise NotImplementedError(
-                "orpo.prompt_sharing is not implemented: the trainer runs prompt+chosen and prompt+rejected as "
-                "one concatenated [2B, T] batch; set orpo.prompt_sharing: false"
-            )
+        self.prompt_sharing = bool(orpo.prompt_sharing)
+        if self.prompt_sharing:
+            check_prompt_sharing_support(getattr(_unwrap_peft(model), "config", None))
         self.orpo = orpo
         self.group_by_length = group_by_length
         super().__init__(model=model, args=args, **kwargs)
@@ -199,7 +213,9 @@ class ORPOTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.group_by_length or dataset is None:
             return super()._get_train_sampler(train_dataset)
-        if "length" in getattr(dataset, "column_names", []):
+        if self.prompt_sharing:
+            lengths = shared_pair_lengths(dataset)  # one [prompt | chosen | rejected] row per pair
+        elif "length" in getattr(dataset, "column_names", []):
             lengths = list(dataset["length"])
         else:
             lengths = pair_lengths(dataset)
@@ -280,12 +296,25 @@ class ORPOTrainer(Trainer):
         """One concatenated forward of the ``[2B, T]`` pair batch and the ORPO loss.
 
         Returns ``(ORPOLossOutput, aux_loss or None)``; ``aux_loss`` is the MoE router
-        load-balancing loss returned by the model (unweighted), when enabled."""
-        kwargs: dict[str, Any] = {
-            "input_ids": inputs["input_ids"],
-            "attention_mask": inputs["attention_mask"],
-            "use_cache": False,
-        }
+        load-balancing loss returned by the model (unweighted), when enabled.
+
+        With ``orpo.prompt_sharing`` the model runs on the shared ``[B, L]`` layout of
+        :func:`orpo_core.sharing.build_shared_batch` and its last hidden states (fused) or
+        logits (unfused) are gathered back to ``[2B, T]`` before the same loss call."""
+        shared = self._shared_batch(model, inputs) if self.prompt_sharing else None
+        if shared is None:
+            kwargs: dict[str, Any] = {
+                "input_ids": inputs["input_ids"],
+                "attention_mask": inputs["attention_mask"],
+                "use_cache": False,
+            }
+        else:
+            kwargs = {
+                "input_ids": shared.input_ids,
+                "attention_mask": shared.attention_mask,
+                "position_ids": shared.position_ids,
+                "use_cache": False,
+            }
         if self.aux_enabled:
             kwargs["output_router_logits"] = True
         common = dict(
@@ -304,6 +333,8 @@ class ORPOTrainer(Trainer):
             weight, bias = self._lm_head(model)
             if not self._fused_checked:
                 self._check_fused(outputs, hidden, weight, bias)
+            if shared is not None:
+                hidden = gather_pair_rows(hidden, shared.gather_index)
             out = orpo_loss_from_hidden(
                 hidden,
                 weight,
@@ -318,11 +349,44 @@ class ORPOTrainer(Trainer):
             )
         else:
             outputs = model(**kwargs)
+            logits = outputs.logits if shared is None else gather_pair_rows(outputs.logits, shared.gather_index)
             out = orpo_loss_from_logits(
-                outputs.logits, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], **common
+                logits, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], **common
             )
         aux = getattr(outputs, "aux_loss", None) if self.aux_enabled else None
         return out, aux
+
+    def _shared_batch(self, model, inputs):
+        """The shared layout of a pair batch for ``model`` (mask convention per attention kernel).
+
+        Raises:
+            NotImplementedError: the model's sliding-window attention would be bypassed (a row
+                longer than the window)."""
+        base = _unwrap_peft(self.accelerator.unwrap_model(model))
+        config = base.config
+        attn = getattr(config, "_attn_implementation", None) or "eager"
+        if attn == "sdpa":
+            mask_dtype = torch.bool  # sdpa: True = attend
+        else:  # eager adds the mask to the attention scores
+            emb = base.get_input_embeddings()
+            mask_dtype = emb.weight.dtype if emb.weight.is_floating_point() else torch.float32
+            if self.args.bf16 or self.args.fp16:
+                mask_dtype = torch.float32  # scores may be upcast; finfo(float32).min still masks
+        pad = getattr(self.processing_class, "pad_token_id", None) if self.processing_class is not None else None
+        shared = build_shared_batch(
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["completion_mask"],
+            mask_dtype=mask_dtype,
+            pad_token_id=int(pad) if pad is not None else 0,
+        )
+        window = sliding_window_of(config)
+        if window is not None and shared.logical_length > window:
+            raise NotImplementedError(
+                f"orpo.prompt_sharing: a row of {shared.logical_length} tokens exceeds the model's sliding window "
+                f"({window}), which a custom 4D attention mask would bypass; set orpo.prompt_sharing: false"
+            )
+        return shared
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Training loss of one micro-batch, normalised over the accumulation window.
