@@ -170,7 +170,11 @@ class ORPOConfig(_Strict):
     beta_schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     alpha_schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     fused_loss: bool = Field(True, description="chunked lm-head + loss: never materialise [2B, T, V] logits")
-    chunk_size: int = Field(1024, gt=0, description="tokens per chunk in the fused loss")
+    chunk_size: int = Field(
+        1024, gt=0,
+        description="target tokens per chunk of the fused loss (peak O(chunk_size * V)); the faster one-pass "
+        "gradient needs each pair's target tokens (chosen row + rejected completion) to fit in one chunk",
+    )
     prompt_sharing: bool = Field(False, description="compute the shared prompt once per pair")
     router_aux_loss_coef: float | None = Field(None, ge=0, description="MoE aux loss weight (None: model config)")
     on_nonfinite: Literal["raise", "skip"] = "raise"

@@ -15,6 +15,16 @@ accumulates ``grad_hidden`` and ``grad_weight`` / ``grad_bias``
 ``O(chunk_size * V)`` (plus a ``V * H`` float32 weight-gradient accumulator
 when the lm-head is trainable), never ``O(N_tokens * V)``.
 
+When a gradient is needed, the default path (:class:`_OnePassORPO`) avoids the
+recomputation: target tokens are grouped by whole pairs (at most ``chunk_size``
+tokens per group), each pair's ORPO terms depend only on its own tokens, so the
+per-token gradient ``dloss/dlogp`` is known as soon as a group's logits exist and
+the logit gradient is applied to the hidden states and the weight right away; the
+backward only rescales the stored gradients. That is 3 lm-head matmuls per token
+instead of 4, with the same ``O(chunk_size * V)`` peak. A pair longer than
+``chunk_size`` target tokens, ``softcap`` models and ``one_pass=False`` use the
+recomputing :class:`_LMHeadTargetLogps`.
+
 This is the same idea as Liger-Kernel's ``LigerFusedLinearORPOLoss`` / Apple's
 "Cut Your Losses" (arXiv 2411.09009), written without Triton so it runs on CPU.
 The ORPO algebra after the per-token log-probs is shared with
@@ -32,7 +42,14 @@ import contextlib
 
 import torch
 
-from orpo_core.loss import ORPOLossOutput, _check_weights, _compute_dtype, _orpo_from_token_logps, orpo_target_masks
+from orpo_core.loss import (
+    ORPOLossOutput,
+    _check_weights,
+    _compute_dtype,
+    _orpo_from_token_logps,
+    odds_ratio_loss,
+    orpo_target_masks,
+)
 
 __all__ = ["orpo_loss_from_hidden", "per_token_logps_from_hidden", "lm_head_transform_from_config"]
 
@@ -181,6 +198,148 @@ class _LMHeadTargetLogps(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
+class _OnePassORPO(torch.autograd.Function):
+    """Fused lm-head + ORPO loss whose gradient is computed during the forward pass.
+
+    ``(h [M, H], weight [V, H], bias [V] | None, ...) -> (loss [], logps [N], logit_sums [N])``.
+
+    The grad-carrying target tokens are sorted by pair and processed in groups of whole
+    pairs (at most ``chunk_size`` tokens per group). A pair's ORPO terms depend only on
+    its own tokens (the NLL and pair denominators are fixed for the batch), so once a
+    group's logits ``z [n, V]`` are projected the per-token gradient
+    ``g_i = dloss/dlogp_i`` is known (a small autograd pass over ``n`` scalars through
+    :func:`orpo_core.loss.odds_ratio_loss`), and the logit gradient
+    ``g_i * (onehot(t_i) - softmax(z_i))`` is applied to ``h`` and ``weight`` at once.
+    The backward only scales the stored ``grad_h`` / ``grad_weight`` by the incoming
+    scalar, so the lm-head costs 3 matmuls per token instead of the 4 of the
+    recomputing :class:`_LMHeadTargetLogps` (the same trade Liger-Kernel's
+    ``LigerFusedLinearORPOFunction`` makes, in plain PyTorch). ``softmax`` is never
+    formed: with ``e = exp(z - max z)`` and ``s = sum e``, ``p = e / s`` and the ``1 / s``
+    is folded into ``[n, H]``-sized operands.
+
+    Saved between forward and backward: ``grad_h`` ``[M, H]`` (zero outside the gathered
+    rows) and, when ``weight`` / ``bias`` need grad, float32 ``grad_weight`` ``[V, H]``
+    (and ``grad_bias`` ``[V]``), as the recomputing backward would allocate anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, h_all, weight, bias, hrows, targets, rows, is_logp, is_nll, counts, groups, n_pairs,
+                beta, alpha, nll_den, pair_den, scale, chunk_size):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        cdt = _compute_dtype(weight.dtype)
+        dev = h_all.device
+        n = hrows.shape[0]
+        vocab = weight.shape[0]
+        logps = torch.empty(n, dtype=cdt, device=dev)
+        sums = torch.empty(n, dtype=cdt, device=dev)
+        grad_h = torch.zeros_like(h_all) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
+        loss = torch.zeros((), dtype=cdt, device=dev)
+        w_c = weight if weight.dtype == cdt else None  # fp32/fp64: project straight into a reused buffer
+        buf = torch.empty(min(chunk_size, n), vocab, dtype=cdt, device=dev) if w_c is not None else None
+        half = n_pairs
+        for start, end, p0, p1 in groups:
+            m = end - start
+            h = h_all.index_select(0, hrows[start:end])
+            t = targets[start:end]
+            with _no_autocast(dev.type):
+                hw = h.to(weight.dtype)
+                if buf is not None:
+                    z = buf[:m]
+                    if bias is None:
+                        torch.mm(hw, weight.t(), out=z)
+                    else:
+                        torch.addmm(bias.to(cdt), hw, weight.t(), out=z)
+                else:
+                    raw = hw @ weight.t()
+                    if bias is not None:
+                        raw = raw + bias.to(raw.dtype)
+                    z = raw.to(cdt)
+                    del raw
+            if scale is not None:
+                z.mul_(scale)
+            sums[start:end] = z.sum(-1)
+            z_t = z.gather(1, t.unsqueeze(1)).squeeze(1)
+            z_max = z.amax(1)
+            e = z.sub_(z_max.unsqueeze(1)).exp_()  # in place: e = exp(z - max z)
+            s = e.sum(-1)
+            lp = z_t - z_max - s.log()
+            logps[start:end] = lp
+
+            # dloss/dlogp of this group's tokens (exact ORPO algebra of orpo_core.loss)
+            with torch.enable_grad():
+                lpg = lp.detach().requires_grad_(True)
+                r = rows[start:end]
+                group_loss = lpg.new_zeros(())
+                if beta != 0:
+                    sel = is_logp[start:end]
+                    seq = torch.zeros(2 * half, dtype=cdt, device=dev).index_add(0, r[sel], lpg[sel]) / counts
+                    or_losses, _ = odds_ratio_loss(seq[p0:p1], seq[half + p0:half + p1], beta)
+                    group_loss = group_loss + or_losses.sum() / pair_den
+                if alpha != 0:
+                    seln = is_nll[start:end]
+                    group_loss = group_loss - alpha * lpg[seln].sum() / nll_den
+                (g,) = torch.autograd.grad(group_loss, lpg)
+            loss += group_loss.detach()
+            if scale is not None:
+                g = g * scale  # z = scale * raw: dloss/draw = scale * dloss/dz
+            g_over_s = g / s
+            if need_h:
+                # dlogp/dh = W[t] - softmax(z) @ W
+                gh = g.unsqueeze(1) * weight.index_select(0, t).to(cdt)
+                gh.sub_(g_over_s.unsqueeze(1) * (e.to(weight.dtype) @ weight).to(cdt))
+                grad_h.index_copy_(0, hrows[start:end], gh.to(h_all.dtype))
+                del gh
+            if need_w or need_b:
+                hg = h.to(cdt)
+                if need_w:
+                    if weight.dtype == cdt:
+                        grad_w.addmm_(e.t(), hg * g_over_s.unsqueeze(1), alpha=-1.0)
+                    else:
+                        grad_w -= (e.to(weight.dtype).t() @ (hg * g_over_s.unsqueeze(1)).to(weight.dtype)).to(cdt)
+                    grad_w.index_add_(0, t, hg * g.unsqueeze(1))
+                if need_b:
+                    grad_b -= e.t() @ g_over_s
+                    grad_b.index_add_(0, t, g)
+            del e, z
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(logps, sums)
+        return loss, logps, sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logps, _grad_sums):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        if grad_h is not None:
+            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_loss.to(grad_w.dtype)).to(w_dtype)
+        if grad_b is not None:
+            grad_b = (grad_b * grad_loss.to(grad_b.dtype)).to(b_dtype)
+        return (grad_h, grad_w, grad_b) + (None,) * 14
+
+
+def _pair_groups(pair_of_token: torch.Tensor, n_pairs: int, chunk_size: int) -> list[tuple[int, int, int, int]] | None:
+    """Groups of consecutive whole pairs with at most ``chunk_size`` tokens each, as
+    ``(token_start, token_end, pair_start, pair_end)`` (``pair_of_token`` sorted); None when
+    one pair alone has more than ``chunk_size`` tokens."""
+    counts = torch.bincount(pair_of_token, minlength=n_pairs).tolist()
+    if not counts or max(counts) > chunk_size:
+        return None
+    groups: list[tuple[int, int, int, int]] = []
+    start = acc = p0 = 0
+    for b, c in enumerate(counts):
+        if acc + c > chunk_size and acc > 0:
+            groups.append((start, start + acc, p0, b))
+            start, acc, p0 = start + acc, 0, b
+        acc += c
+    if acc:
+        groups.append((start, start + acc, p0, n_pairs))
+    return groups
+
+
 def _check_head(hidden, weight, bias, chunk_size, scale, softcap):
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
@@ -269,6 +428,7 @@ def orpo_loss_from_hidden(
     pair_denominator: float | torch.Tensor | None = None,
     logit_scale: float | None = None,
     softcap: float | None = None,
+    one_pass: bool = True,
 ) -> ORPOLossOutput:
     """Fused lm-head + ORPO loss; same values and gradients as
     :func:`orpo_core.loss.orpo_loss_from_logits` on ``logits = lm_head(hidden)``.
@@ -290,10 +450,18 @@ def orpo_loss_from_hidden(
         logit_scale: multiply logits by this (Cohere's ``logit_scale``); None = 1.
         softcap: final logit soft-capping ``z = softcap * tanh(z / softcap)`` (Gemma 2's
             ``final_logit_softcapping``), applied after ``logit_scale``; None = off.
+        one_pass: when a gradient is needed, compute it during the forward pass
+            (:class:`_OnePassORPO`: groups of whole pairs of at most ``chunk_size`` target
+            tokens, 3 lm-head matmuls per token instead of 4). Used unless ``softcap`` is set
+            or one pair alone has more than ``chunk_size`` target tokens; then (or with
+            ``one_pass=False``) the backward recomputes each chunk's logits
+            (:class:`_LMHeadTargetLogps`). Both give the same loss and gradients.
 
     Returns:
         :class:`orpo_core.loss.ORPOLossOutput`; ``logits/*`` metrics are the mean of the
-        final (scaled/capped) logits over completion tokens and the vocabulary.
+        final (scaled/capped) logits over completion tokens and the vocabulary. On the
+        one-pass path only ``loss`` carries the graph (``chosen_logps`` /
+        ``rejected_logps`` are detached).
 
     Raises:
         ValueError: bad shapes/masks/weights (see :func:`orpo_core.loss.orpo_target_masks`).
@@ -321,7 +489,18 @@ def orpo_loss_from_hidden(
     cdt = _compute_dtype(lm_head_weight.dtype)
     token_logps = torch.zeros(n_flat, dtype=cdt, device=hidden.device)
     token_sums = torch.zeros(n_flat, dtype=cdt, device=hidden.device)
-    for mask, grad in ((grad_mask, True), (metric_mask, False)):
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)
+    )
+    one_pass_loss = None
+    if needs_grad and one_pass and softcap is None:
+        one_pass_loss = _one_pass(
+            flat_hidden, lm_head_weight, lm_head_bias, flat_targets, grad_mask, logp_mask, nll_mask,
+            token_logps, token_sums, seq_len=seq_len, beta=beta, alpha=alpha, nll_denominator=nll_denominator,
+            pair_denominator=pair_denominator, scale=logit_scale, chunk_size=chunk_size,
+        )
+    passes = ((metric_mask, False),) if one_pass_loss is not None else ((grad_mask, True), (metric_mask, False))
+    for mask, grad in passes:
         idx = mask.reshape(-1).nonzero().squeeze(1)
         if idx.numel() == 0:
             continue
@@ -333,13 +512,58 @@ def orpo_loss_from_hidden(
         token_logps = token_logps.index_put((idx,), logps)
         token_sums.index_put_((idx,), sums.detach())
     vocab = lm_head_weight.shape[0]
-    return _orpo_from_token_logps(
-        token_logps.view(n_rows, seq_len - 1),
-        (token_sums / vocab).view(n_rows, seq_len - 1),
-        logp_mask,
-        nll_mask,
-        beta=beta,
-        alpha=alpha,
-        nll_denominator=nll_denominator,
-        pair_denominator=pair_denominator,
+    if one_pass_loss is None:
+        return _orpo_from_token_logps(
+            token_logps.view(n_rows, seq_len - 1),
+            (token_sums / vocab).view(n_rows, seq_len - 1),
+            logp_mask,
+            nll_mask,
+            beta=beta,
+            alpha=alpha,
+            nll_denominator=nll_denominator,
+            pair_denominator=pair_denominator,
+        )
+    with torch.no_grad():  # metrics and per-pair log-probs from the (detached) token log-probs
+        out = _orpo_from_token_logps(
+            token_logps.view(n_rows, seq_len - 1),
+            (token_sums / vocab).view(n_rows, seq_len - 1),
+            logp_mask,
+            nll_mask,
+            beta=beta,
+            alpha=alpha,
+            nll_denominator=nll_denominator,
+            pair_denominator=pair_denominator,
+        )
+    out.loss = one_pass_loss
+    return out
+
+
+def _one_pass(flat_hidden, weight, bias, flat_targets, grad_mask, logp_mask, nll_mask, token_logps, token_sums, *,
+              seq_len, beta, alpha, nll_denominator, pair_denominator, scale, chunk_size):
+    """Run :class:`_OnePassORPO` over the grad-carrying tokens; fills ``token_logps`` /
+    ``token_sums`` (detached) at those positions and returns the differentiable loss, or
+    returns None (nothing filled) when a single pair has more than ``chunk_size`` tokens."""
+    n_rows = grad_mask.shape[0]
+    half = n_rows // 2
+    idx = grad_mask.reshape(-1).nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return None
+    row = idx // (seq_len - 1)
+    pair = row % half
+    order = torch.argsort(pair, stable=True)
+    idx, row, pair = idx[order], row[order], pair[order]
+    groups = _pair_groups(pair, half, chunk_size)
+    if groups is None:
+        return None
+    cdt = _compute_dtype(weight.dtype)
+    counts = logp_mask.sum(-1).to(cdt)
+    nll_den = nll_mask.sum().clamp(min=1).to(cdt) if nll_denominator is None else nll_denominator
+    pair_den = half if pair_denominator is None else pair_denominator
+    loss, logps, sums = _OnePassORPO.apply(
+        flat_hidden, weight, bias, idx + idx // (seq_len - 1), flat_targets.index_select(0, idx), row,
+        logp_mask.reshape(-1).index_select(0, idx), nll_mask.reshape(-1).index_select(0, idx), counts, groups,
+        half, beta, alpha, nll_den, pair_den, scale, chunk_size,
     )
+    token_logps.index_put_((idx,), logps)
+    token_sums.index_put_((idx,), sums)
+    return loss

@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import orpo_core.fused as fused_mod
 from orpo_core.fused import (
     _LMHeadTargetLogps,
+    _pair_groups,
     lm_head_transform_from_config,
     orpo_loss_from_hidden,
     per_token_logps_from_hidden,
@@ -65,7 +67,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 16, 4096])
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 24, 4096])
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_fused_equals_unfused(chunk_size, kw):
     hidden, weight, bias, ids, attn, comp = make_inputs(bias=chunk_size != 16)
@@ -226,3 +228,112 @@ def test_autocast_does_not_change_the_projection_dtype():
     assert_rel_close(out.loss.detach(), ref.loss.detach())
     for a, b in zip(grads(out, params), grads(ref, params)):
         assert_rel_close(a, b)
+
+
+# --------------------------------------------------------------------------- one-pass path
+class _CountOnePass:
+    """Counts calls of the one-pass autograd Function (which path a loss call took)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = fused_mod._OnePassORPO.apply
+
+        def spy(*args):
+            self.calls += 1
+            return real(*args)
+
+        monkeypatch.setattr(fused_mod._OnePassORPO, "apply", spy)
+
+
+def test_pair_groups_pack_whole_pairs():
+    pair = torch.tensor([0] * 5 + [1] * 3 + [2] * 4 + [3] * 6)
+    assert _pair_groups(pair, 4, 8) == [(0, 8, 0, 2), (8, 12, 2, 3), (12, 18, 3, 4)]
+    assert _pair_groups(pair, 4, 100) == [(0, 18, 0, 4)]
+    assert _pair_groups(pair, 4, 5) is None  # pair 3 has 6 tokens
+
+
+@pytest.mark.parametrize("kw", CASES + [dict(beta=0.3, logit_scale=0.5)],
+                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_one_pass_equals_recomputing_backward(monkeypatch, kw):
+    """Same loss and gradients with the gradient taken in forward (several pair groups) as
+    with the recomputing backward; the one-pass Function really ran."""
+    hidden, weight, bias, ids, attn, comp = make_inputs(B=3, T=13, seed=11)
+    params = [hidden, weight, bias]
+    counter = _CountOnePass(monkeypatch)
+    two = orpo_loss_from_hidden(hidden, weight, bias, ids, attn, comp, chunk_size=24, one_pass=False, **kw)
+    g_two = grads(two, params)
+    assert counter.calls == 0
+    one = orpo_loss_from_hidden(hidden, weight, bias, ids, attn, comp, chunk_size=24, **kw)
+    assert counter.calls == 1
+    assert_rel_close(one.loss.detach(), two.loss.detach())
+    for a, b in zip(grads(one, params), g_two):
+        assert_rel_close(a, b)
+    for key, value in two.metrics.items():
+        assert one.metrics[key].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
+    # a chunk smaller than one pair's tokens falls back to the recomputing backward
+    orpo_loss_from_hidden(hidden, weight, bias, ids, attn, comp, chunk_size=5, **kw)
+    assert counter.calls == 1
+
+
+def test_one_pass_gradcheck_float64():
+    hidden, weight, bias, ids, attn, comp = make_inputs(B=2, T=9, H=3, V=5, dtype=torch.float64, seed=12)
+
+    def f(h, w, b):
+        return orpo_loss_from_hidden(h, w, b, ids, attn, comp, beta=0.7, chunk_size=12).loss
+
+    assert torch.autograd.gradcheck(f, (hidden, weight, bias))
+
+
+def test_one_pass_accumulation_and_backward_scale(monkeypatch):
+    """Micro-batches with window denominators sum to the full batch (one-pass path), and an
+    upstream scale (loss / accumulation steps) scales every gradient."""
+    B = 2
+    hidden, weight, bias, ids, attn, comp = make_inputs(B=B, seed=3)
+    counter = _CountOnePass(monkeypatch)
+    full = orpo_loss_from_hidden(hidden, weight, bias, ids, attn, comp, beta=0.2, chunk_size=64)
+    full_g = torch.autograd.grad(full.loss, [hidden, weight, bias])
+    n_nll = nll_token_count(attn, comp)
+    acc = [torch.zeros_like(hidden), torch.zeros_like(weight), torch.zeros_like(bias)]
+    total = 0.0
+    for i in range(B):
+        rows = [i, i + B]
+        out = orpo_loss_from_hidden(hidden[rows], weight, bias, ids[rows], attn[rows], comp[rows], beta=0.2,
+                                    chunk_size=64, nll_denominator=n_nll, pair_denominator=B)
+        total += out.loss.item()
+        acc = [a + b for a, b in zip(acc, torch.autograd.grad(out.loss * 0.5, [hidden, weight, bias]))]
+    assert counter.calls == 1 + B
+    assert total == pytest.approx(full.loss.item(), rel=1e-6)
+    for a, b in zip(acc, full_g):
+        assert_rel_close(a, 0.5 * b)
+
+
+def test_one_pass_frozen_head_and_low_precision(monkeypatch):
+    counter = _CountOnePass(monkeypatch)
+    hidden, weight, bias, ids, attn, comp = make_inputs(bias=False, seed=6)
+    frozen = weight.detach()
+    ref = reference(hidden, frozen, None, ids, attn, comp, beta=0.1)
+    out = orpo_loss_from_hidden(hidden, frozen, None, ids, attn, comp, beta=0.1, chunk_size=64)
+    out.loss.backward()
+    assert frozen.grad is None
+    (g_ref,) = torch.autograd.grad(ref.loss, [hidden])
+    assert_rel_close(hidden.grad, g_ref)
+    (ref_gh,) = torch.autograd.grad(reference(hidden, weight, None, ids, attn, comp, beta=0.1).loss, [hidden])
+    for dtype in (torch.bfloat16, torch.float16):
+        h = hidden.detach().to(dtype).requires_grad_(True)
+        w = weight.detach().to(dtype).requires_grad_(True)
+        out = orpo_loss_from_hidden(h, w, None, ids, attn, comp, beta=0.1, chunk_size=64)
+        out.loss.backward()
+        assert h.grad.dtype == dtype and w.grad.dtype == dtype
+        assert torch.allclose(h.grad.float(), ref_gh, atol=5e-2 * ref_gh.abs().max().item())
+    assert counter.calls == 3
+
+
+def test_one_pass_has_no_tensor_larger_than_a_chunk_of_logits(monkeypatch):
+    B, T, H, V, chunk = 2, 64, 4, 1000, 130
+    hidden, weight, bias, ids, attn, comp = make_inputs(B=B, T=T, H=H, V=V, bias=False, seed=8)
+    counter = _CountOnePass(monkeypatch)
+    with _MaxNumel() as mode:
+        out = orpo_loss_from_hidden(hidden, weight, None, ids, attn, comp, beta=0.1, chunk_size=chunk)
+        out.loss.backward()
+    assert counter.calls == 1
+    assert mode.max_numel <= chunk * V, mode.max_numel
