@@ -185,7 +185,8 @@ def build_hub_folder(
         (tmp / CARD_NAME).write_text(str(card), encoding="utf-8")
         (tmp / RECIPE_NAME).write_text(recipe_yaml(recipe, secrets), encoding="utf-8")
         if eval_data is not None:
-            (tmp / EVAL_NAME).write_text(json.dumps(eval_data, indent=2, sort_keys=True), encoding="utf-8")
+            public = public_paths(eval_data, out_dir.resolve().parent)
+            (tmp / EVAL_NAME).write_text(json.dumps(public, indent=2, sort_keys=True), encoding="utf-8")
         if has_curves:
             shutil.copy2(curves, tmp / CURVES_NAME)
         if out_dir.exists():
@@ -200,6 +201,27 @@ def build_hub_folder(
         raise
     logger.info("hub folder written to %s (%d files)", out_dir, sum(1 for _ in out_dir.iterdir()))
     return out_dir
+
+
+def public_paths(obj: Any, run_root: Path) -> Any:
+    """Copy of a JSON-like ``obj`` with this machine's absolute paths made shareable.
+
+    A string that is an absolute path becomes its path relative to ``run_root`` (the run
+    folder, e.g. ``/home/me/runs/x/train/model`` -> ``train/model``) when inside it, else
+    ``<local>/<file name>``; Hub ids, URLs and other strings are kept. Used for the
+    ``eval_results.json`` shipped to the Hub, which records the evaluated model paths.
+    """
+    if isinstance(obj, Mapping):
+        return {k: public_paths(v, run_root) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [public_paths(v, run_root) for v in obj]
+    if isinstance(obj, str) and "\n" not in obj and os.path.isabs(obj):
+        path = Path(obj)
+        try:
+            return path.resolve().relative_to(run_root).as_posix()
+        except ValueError:
+            return f"<local>/{path.name}"
+    return obj
 
 
 def _redact(text: str, token: str | None) -> str:

@@ -103,6 +103,17 @@ def test_build_hub_folder_contents(tmp_path, tiny_model_dir, eval_dir):
     for f in model.glob("*.safetensors"):
         assert _sha(out / f.name) == _sha(f)
     assert json.loads((out / "eval_results.json").read_text()) == EVAL
+
+    # absolute local paths in eval.json are made relative to the run folder (or reduced to a name)
+    local = {**EVAL, "models": {"trained": {"path": str(model.resolve())}, "base": {"path": "/opt/models/base"}},
+             "hub_model": "HuggingFaceTB/SmolLM3-3B-Base", "note": "see /tmp in text"}
+    (eval_dir / "eval.json").write_text(json.dumps(local))
+    out = build_hub_folder(r, model, eval_dir / "eval.json", tmp_path / "hub")
+    shipped = json.loads((out / "eval_results.json").read_text())
+    assert shipped["models"] == {"trained": {"path": "train/model"}, "base": {"path": "<local>/base"}}
+    assert shipped["hub_model"] == "HuggingFaceTB/SmolLM3-3B-Base" and shipped["note"] == "see /tmp in text"
+    assert str(tmp_path) not in (out / "eval_results.json").read_text()
+    (eval_dir / "eval.json").write_text(json.dumps(EVAL))
     assert yaml.safe_load((out / "orpo_recipe.yaml").read_text()) == r.to_dict()
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "| `train_loss` | 2.5000 |" in card and "training_curves.png" in card
