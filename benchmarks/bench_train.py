@@ -76,6 +76,11 @@ Usage::
     python benchmarks/bench_train.py --ours-unfused --json bench.json
     python benchmarks/bench_train.py --reps 1 --steps 4 --variants ours --chunk-size 256
     python benchmarks/bench_train.py --threads 1 --keep --work-dir /tmp/bench   # keep logs and raw JSON
+    python benchmarks/bench_train.py --device cuda --precision bf16 --vocab-size 128256   # GPU: + peak CUDA memory
+
+On CUDA (``--device cuda``) step boundaries are synchronised, the matmul probe runs in the
+training dtype on the GPU, and each worker also reports ``torch.cuda.max_memory_allocated``
+(reset after the probe) and its ratio to TRL's.
 
 The last stdout line is the summary as JSON (also written to ``--json PATH``).
 """
@@ -135,26 +140,36 @@ def maxrss_mib(who: int = resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0
 
 
-def matmul_peak_flops(n: int = 2048, reps: int = 7, warmup: int = 2) -> dict[str, float]:
-    """Measured fp32 matmul rate of this process: median over ``reps`` timed ``torch.matmul`` of two
-    ``[n, n]`` float32 matrices (``2 n^3`` FLOPs each), after ``warmup`` untimed ones. Uses the current
-    ``torch.get_num_threads()``.
+def matmul_peak_flops(
+    n: int = 2048, reps: int = 7, warmup: int = 2, device: str = "cpu", dtype_name: str = "float32"
+) -> dict[str, float]:
+    """Measured matmul rate of this process: median over ``reps`` timed ``torch.matmul`` of two
+    ``[n, n]`` matrices of ``dtype_name`` on ``device`` (``2 n^3`` FLOPs each), after ``warmup``
+    untimed ones (CUDA: synchronised around each). Uses the current ``torch.get_num_threads()``.
 
     Returns:
         ``{"n", "threads", "median_s", "flops": FLOP/s (median), "best_flops": FLOP/s (fastest)}``.
     """
     import torch
 
+    dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g)
-    b = torch.randn(n, n, generator=g)
-    c = torch.empty(n, n)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     for _ in range(warmup):
         torch.matmul(a, b, out=c)
     times = []
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         torch.matmul(a, b, out=c)
+        sync()
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     work = 2.0 * n**3
@@ -225,19 +240,39 @@ def _recorder(rec: dict[str, Any]):
             rec["rss"]["train_begin"] = {"now": rss_now_mib(), "max": maxrss_mib()}
 
         def on_step_begin(self, args, state, control, **kw):
+            _cuda_sync()
             rec["step_begin"].append(time.perf_counter())
             rec["step_begin_cpu"].append(time.process_time())
 
         def on_step_end(self, args, state, control, **kw):
+            _cuda_sync()
             rec["step_end"].append(time.perf_counter())
             rec["step_cpu"].append(time.process_time())
             rec["step_rss"].append({"now": rss_now_mib(), "max": maxrss_mib()})
 
         def on_train_end(self, args, state, control, **kw):
+            _cuda_sync()
             rec["t_train_end"] = time.perf_counter()
             rec["rss"]["train_end"] = {"now": rss_now_mib(), "max": maxrss_mib()}
+            rec["peak_cuda_mib"] = _cuda_peak_mib()
 
     return Recorder()
+
+
+def _cuda_sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _cuda_peak_mib() -> float | None:
+    """``torch.cuda.max_memory_allocated()`` of this process in MiB (None without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return None
 
 
 def _new_record() -> dict[str, Any]:
@@ -258,7 +293,11 @@ def _worker_common_start(spec: dict[str, Any], rec: dict[str, Any]) -> dict[str,
     torch.set_num_threads(int(spec["threads"]))
     rec["rss"]["imports"] = {"now": rss_now_mib(), "max": maxrss_mib()}
     out: dict[str, Any] = {"pid": os.getpid(), "threads": torch.get_num_threads(), "loadavg_start": os.getloadavg()}
-    out["matmul"] = matmul_peak_flops(n=spec["matmul_n"], reps=spec["matmul_reps"])
+    dtype_name = "bfloat16" if spec.get("precision") == "bf16" else "float32"
+    out["matmul"] = matmul_peak_flops(n=spec["matmul_n"], reps=spec["matmul_reps"], device=spec.get("device", "cpu"),
+                                      dtype_name=dtype_name)
+    if spec.get("device") == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # the probe's matrices are not training memory
     return out
 
 
@@ -274,7 +313,10 @@ def _worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
     rec = _new_record()
     res = _worker_common_start(spec, rec)
     tok = AutoTokenizer.from_pretrained(spec["model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
+    bf16 = spec.get("precision") == "bf16"
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model_dir"], dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation="sdpa"
+    )
     rec["rss"]["model_loaded"] = {"now": rss_now_mib(), "max": maxrss_mib()}
     ds = Dataset.from_list(spec["trl_rows"])
     max_steps = spec["warmup"] + spec["steps"]
@@ -295,8 +337,8 @@ def _worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
-        use_cpu=True,
-        bf16=False,  # TRL's default is bf16=True (mixed precision) unless fp16: keep fp32
+        use_cpu=spec.get("device", "cpu") == "cpu",
+        bf16=bf16,  # TRL's default is bf16=True (mixed precision) unless fp16: set explicitly
         fp16=False,
         gradient_checkpointing=False,  # TRL's default is True
         dataloader_num_workers=0,
@@ -372,7 +414,9 @@ def _worker_ours(spec: dict[str, Any], fused: bool, prompt_sharing: bool = False
             "run_name": run_dir.name,
             "output_dir": str(run_dir),
             "seed": spec["seed"],
-            "model": {"name_or_path": spec["model_dir"], "dtype": "float32", "attn_implementation": "sdpa"},
+            "model": {"name_or_path": spec["model_dir"],
+                      "dtype": "bfloat16" if spec.get("precision") == "bf16" else "float32",
+                      "attn_implementation": "sdpa"},
             "data": {
                 "sources": [{"path": spec["data_path"]}],
                 "test_size": 0.0,
@@ -392,7 +436,7 @@ def _worker_ours(spec: dict[str, Any], fused: bool, prompt_sharing: bool = False
                 "per_device_train_batch_size": spec["batch"],
                 "gradient_accumulation_steps": 1,
                 "gradient_checkpointing": False,
-                "precision": "fp32",
+                "precision": spec.get("precision", "fp32"),
                 "logging_steps": max_steps,
                 "eval_steps": None,
                 "save_steps": None,
@@ -474,6 +518,8 @@ def prepare_inputs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if not data_path.is_file():
         raise FileNotFoundError(f"benchmark data {data_path} not found (the shared data folder is needed)")
     model_dir = build_tiny_model(TinyModelConfig(**MODEL_SHAPE), work / "model", seed=args.model_seed)
+    if args.vocab_size is not None:
+        resize_vocab(model_dir, args.vocab_size, seed=args.model_seed)
 
     def recipe(run: Path, path: Path):
         return recipe_from_dict(
@@ -560,7 +606,31 @@ def prepare_inputs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
     if args.chunk_size is not None:
         spec["chunk_size"] = args.chunk_size
+    spec["device"] = args.device
+    spec["precision"] = args.precision
     return spec
+
+
+def resize_vocab(model_dir: Path, vocab_size: int, seed: int = 0) -> None:
+    """Give the benchmark model ``vocab_size`` embedding / lm-head rows (e.g. SmolLM3's 128,256).
+
+    The tokenizer is unchanged (GPT-2 + ChatML, 50,260 ids), so the extra rows are never a
+    target, but every logit row has ``vocab_size`` entries: that is what the lm-head and loss
+    cost in time and memory. New rows are drawn from ``N(0, initializer_range)``.
+
+    Raises:
+        ValueError: ``vocab_size`` smaller than the tokenizer.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if vocab_size < len(tok):
+        raise ValueError(f"--vocab-size {vocab_size} is smaller than the tokenizer ({len(tok)} ids)")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    model.save_pretrained(str(model_dir))
 
 
 # =========================================================================== parent: analysis
@@ -614,6 +684,7 @@ def analyse_run(res: dict[str, Any], spec: dict[str, Any], shape: dict[str, int]
         "padded_tokens_timed": padded,
         "padding_fraction": 1.0 - tokens / padded if padded else 0.0,
         "peak_rss_mib": res["peak_rss_mib"],
+        "peak_cuda_mib": res.get("peak_cuda_mib"),
         "train_peak_rss_mib": res["rss"].get("train_end", {}).get("max"),
         "rss": res["rss"],
         "step_rss_now_mib": [x["now"] for x in res["step_rss"]],
@@ -644,7 +715,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for r in runs:
         by.setdefault(r["kind"], []).append(r)
     keys = ("s_per_step", "cpu_s_per_step", "tokens_per_s", "useful_tokens_per_s", "peak_rss_mib", "train_peak_rss_mib",
-            "mfu_useful", "mfu_fed", "matmul_gflops", "achieved_gflops_useful", "padding_fraction", "first_loss")
+            "mfu_useful", "mfu_fed", "matmul_gflops", "achieved_gflops_useful", "padding_fraction", "first_loss",
+            "peak_cuda_mib")
     out: dict[str, Any] = {"variants": {}}
     for kind, rs in by.items():
         v: dict[str, Any] = {"reps": len(rs)}
@@ -671,6 +743,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "rss_ratio": v["peak_rss_mib"] / trl["peak_rss_mib"],
                 "train_rss_ratio": (v["train_peak_rss_mib"] / trl["train_peak_rss_mib"])
                 if v.get("train_peak_rss_mib") and trl.get("train_peak_rss_mib") else None,
+                "cuda_memory_ratio": (v["peak_cuda_mib"] / trl["peak_cuda_mib"])
+                if v.get("peak_cuda_mib") and trl.get("peak_cuda_mib") else None,
                 "step_time_ratio": v["s_per_step"] / trl["s_per_step"],
                 "cpu_time_ratio": v["cpu_s_per_step"] / trl["cpu_s_per_step"],
                 "best_throughput_ratio": v["best_tokens_per_s"] / trl["best_tokens_per_s"],
@@ -696,7 +770,12 @@ def format_table(summary: dict[str, Any]) -> str:
             f"{v['matmul_gflops']:>11.1f}{100 * v['padding_fraction']:>6.1f}%"
             f"{(v['first_loss'] if v['first_loss'] is not None else float('nan')):>9.4f}"
         )
+    for kind, v in summary["variants"].items():
+        if v.get("peak_cuda_mib"):
+            lines.append(f"{kind}: peak CUDA memory (max_memory_allocated) {v['peak_cuda_mib'] / 1024:.2f} GiB")
     for kind, r in summary["ratios_vs_trl"].items():
+        if r.get("cuda_memory_ratio"):
+            lines.append(f"{kind}/trl: peak CUDA memory x{r['cuda_memory_ratio']:.2f}")
         lines.append(
             f"{kind}/trl: throughput x{r['throughput_ratio']:.2f} (target >= {TARGETS['throughput_ratio_min']}: "
             f"{'met' if r['meets_throughput_target'] else 'MISSED'}), peak RSS x{r['rss_ratio']:.2f} "
@@ -709,7 +788,8 @@ def format_table(summary: dict[str, Any]) -> str:
 
 # =========================================================================== parent: driver
 def run_worker(
-    kind: str, spec_path: Path, result_path: Path, threads: int, timeout: float, omp_wait_policy: str = "PASSIVE"
+    kind: str, spec_path: Path, result_path: Path, threads: int, timeout: float, omp_wait_policy: str = "PASSIVE",
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Run one worker in a fresh interpreter; returns its JSON record.
 
@@ -731,7 +811,8 @@ def run_worker(
     )
     if omp_wait_policy.lower() != "default":
         env["OMP_WAIT_POLICY"] = omp_wait_policy
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # both trainers on the CPU even on a GPU host
     log_path = result_path.with_suffix(".log")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", kind, "--_spec", str(spec_path),
            "--_result", str(result_path)]
@@ -756,6 +837,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--omp-wait-policy", default="PASSIVE",
                    help="OMP_WAIT_POLICY for the workers (PASSIVE, ACTIVE, or 'default' to leave it unset)")
     p.add_argument("--batch", type=int, default=2, help="pairs per optimizer step")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both trainers run")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: bfloat16 weights + bf16 autocast in both trainers (the CUDA configuration)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="embedding/lm-head rows of the model (e.g. 128256 as SmolLM3); default: the tokenizer's")
     p.add_argument("--lr", type=float, default=8e-6)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--optim", default="adamw_torch", help="TrainingArguments.optim for both trainers")
@@ -813,7 +899,7 @@ def main(argv: list[str] | None = None) -> int:
         opts["work"] = str(work)
         (work / "options.json").write_text(json.dumps(opts))
         spec = run_worker("prepare", work / "options.json", work / "spec.json", args.threads, args.worker_timeout,
-                          args.omp_wait_policy)
+                          args.omp_wait_policy, device="cpu")
         shape = spec["shape"]
         print(
             f"inputs ready in {time.perf_counter() - t0:.1f}s: {len(spec['trl_rows'])} pairs "
@@ -829,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind in args.kinds:
                 t0 = time.perf_counter()
                 raw = run_worker(kind, spec_path, work / f"{kind}_rep{rep}.json", args.threads, args.worker_timeout,
-                                 args.omp_wait_policy)
+                                 args.omp_wait_policy, device=args.device)
                 run = analyse_run(raw, spec, shape)
                 run["rep"] = rep
                 runs.append(run)
@@ -852,6 +938,8 @@ def main(argv: list[str] | None = None) -> int:
             "beta": args.beta,
             "optim": args.optim,
             "chunk_size": args.chunk_size,
+            "device": args.device,
+            "precision": args.precision,
             "warmup_steps": args.warmup,
             "timed_steps": args.steps,
             "reps": args.reps,
