@@ -512,18 +512,8 @@ def orpo_loss_from_hidden(
         token_logps = token_logps.index_put((idx,), logps)
         token_sums.index_put_((idx,), sums.detach())
     vocab = lm_head_weight.shape[0]
-    if one_pass_loss is None:
-        return _orpo_from_token_logps(
-            token_logps.view(n_rows, seq_len - 1),
-            (token_sums / vocab).view(n_rows, seq_len - 1),
-            logp_mask,
-            nll_mask,
-            beta=beta,
-            alpha=alpha,
-            nll_denominator=nll_denominator,
-            pair_denominator=pair_denominator,
-        )
-    with torch.no_grad():  # metrics and per-pair log-probs from the (detached) token log-probs
+    # on the one-pass path the token log-probs are detached: compute metrics without a graph
+    with torch.no_grad() if one_pass_loss is not None else contextlib.nullcontext():
         out = _orpo_from_token_logps(
             token_logps.view(n_rows, seq_len - 1),
             (token_sums / vocab).view(n_rows, seq_len - 1),
@@ -534,7 +524,8 @@ def orpo_loss_from_hidden(
             nll_denominator=nll_denominator,
             pair_denominator=pair_denominator,
         )
-    out.loss = one_pass_loss
+    if one_pass_loss is not None:
+        out.loss = one_pass_loss
     return out
 
 
