@@ -21,9 +21,9 @@ tokens per group), each pair's ORPO terms depend only on its own tokens, so the
 per-token gradient ``dloss/dlogp`` is known as soon as a group's logits exist and
 the logit gradient is applied to the hidden states and the weight right away; the
 backward only rescales the stored gradients. That is 3 lm-head matmuls per token
-instead of 4, with the same ``O(chunk_size * V)`` peak. A pair longer than
-``chunk_size`` target tokens, ``softcap`` models and ``one_pass=False`` use the
-recomputing :class:`_LMHeadTargetLogps`.
+instead of 4, with the same ``O(chunk_size * V)`` peak. Pairs with more than
+``chunk_size`` target tokens (in the same batch as shorter ones), ``softcap`` models and
+``one_pass=False`` use the recomputing :class:`_LMHeadTargetLogps`.
 
 This is the same idea as Liger-Kernel's ``LigerFusedLinearORPOLoss`` / Apple's
 "Cut Your Losses" (arXiv 2411.09009), written without Triton so it runs on CPU.
@@ -239,7 +239,7 @@ class _OnePassORPO(torch.autograd.Function):
         w_c = weight if weight.dtype == cdt else None  # fp32/fp64: project straight into a reused buffer
         buf = torch.empty(min(chunk_size, n), vocab, dtype=cdt, device=dev) if w_c is not None else None
         half = n_pairs
-        for start, end, p0, p1 in groups:
+        for start, end, pair_list in groups:
             m = end - start
             h = h_all.index_select(0, hrows[start:end])
             t = targets[start:end]
@@ -275,7 +275,8 @@ class _OnePassORPO(torch.autograd.Function):
                 if beta != 0:
                     sel = is_logp[start:end]
                     seq = torch.zeros(2 * half, dtype=cdt, device=dev).index_add(0, r[sel], lpg[sel]) / counts
-                    or_losses, _ = odds_ratio_loss(seq[p0:p1], seq[half + p0:half + p1], beta)
+                    pidx = torch.tensor(pair_list, device=dev)
+                    or_losses, _ = odds_ratio_loss(seq[pidx], seq[pidx + half], beta)
                     group_loss = group_loss + or_losses.sum() / pair_den
                 if alpha != 0:
                     seln = is_nll[start:end]
@@ -321,22 +322,30 @@ class _OnePassORPO(torch.autograd.Function):
         return (grad_h, grad_w, grad_b) + (None,) * 14
 
 
-def _pair_groups(pair_of_token: torch.Tensor, n_pairs: int, chunk_size: int) -> list[tuple[int, int, int, int]] | None:
-    """Groups of consecutive whole pairs with at most ``chunk_size`` tokens each, as
-    ``(token_start, token_end, pair_start, pair_end)`` (``pair_of_token`` sorted); None when
-    one pair alone has more than ``chunk_size`` tokens."""
+def _pair_groups(pair_of_token: torch.Tensor, n_pairs: int, chunk_size: int) -> list[tuple[int, int, list[int]]]:
+    """Groups of consecutive pairs with at most ``chunk_size`` tokens each, as
+    ``(token_start, token_end, pair_indices)`` (``pair_of_token`` sorted; pairs without
+    tokens are left out).
+
+    Raises:
+        ValueError: one pair alone has more than ``chunk_size`` tokens.
+    """
     counts = torch.bincount(pair_of_token, minlength=n_pairs).tolist()
-    if not counts or max(counts) > chunk_size:
-        return None
-    groups: list[tuple[int, int, int, int]] = []
-    start = acc = p0 = 0
+    if counts and max(counts) > chunk_size:
+        raise ValueError(f"a pair has {max(counts)} target tokens, more than chunk_size={chunk_size}")
+    groups: list[tuple[int, int, list[int]]] = []
+    start = acc = 0
+    pairs: list[int] = []
     for b, c in enumerate(counts):
-        if acc + c > chunk_size and acc > 0:
-            groups.append((start, start + acc, p0, b))
-            start, acc, p0 = start + acc, 0, b
+        if c == 0:
+            continue
+        if acc + c > chunk_size:
+            groups.append((start, start + acc, pairs))
+            start, acc, pairs = start + acc, 0, []
         acc += c
+        pairs.append(b)
     if acc:
-        groups.append((start, start + acc, p0, n_pairs))
+        groups.append((start, start + acc, pairs))
     return groups
 
 
@@ -452,10 +461,10 @@ def orpo_loss_from_hidden(
             ``final_logit_softcapping``), applied after ``logit_scale``; None = off.
         one_pass: when a gradient is needed, compute it during the forward pass
             (:class:`_OnePassORPO`: groups of whole pairs of at most ``chunk_size`` target
-            tokens, 3 lm-head matmuls per token instead of 4). Used unless ``softcap`` is set
-            or one pair alone has more than ``chunk_size`` target tokens; then (or with
-            ``one_pass=False``) the backward recomputes each chunk's logits
-            (:class:`_LMHeadTargetLogps`). Both give the same loss and gradients.
+            tokens, 3 lm-head matmuls per token instead of 4). Pairs with more than
+            ``chunk_size`` target tokens, ``softcap`` models and ``one_pass=False`` use the
+            backward that recomputes each chunk's logits (:class:`_LMHeadTargetLogps`). Both
+            give the same loss and gradients.
 
     Returns:
         :class:`orpo_core.loss.ORPOLossOutput`; ``logits/*`` metrics are the mean of the
@@ -492,15 +501,20 @@ def orpo_loss_from_hidden(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)
     )
-    one_pass_loss = None
+    half = n_rows // 2
+    nll_den = nll_mask.sum().clamp(min=1).to(cdt) if nll_denominator is None else nll_denominator
+    pair_den = half if pair_denominator is None else pair_denominator
+    one_pass_loss = long_pairs = None
+    recompute_mask = grad_mask
     if needs_grad and one_pass and softcap is None:
-        one_pass_loss = _one_pass(
+        one_pass_loss, long_pairs = _one_pass(
             flat_hidden, lm_head_weight, lm_head_bias, flat_targets, grad_mask, logp_mask, nll_mask,
-            token_logps, token_sums, seq_len=seq_len, beta=beta, alpha=alpha, nll_denominator=nll_denominator,
-            pair_denominator=pair_denominator, scale=logit_scale, chunk_size=chunk_size,
+            token_logps, token_sums, seq_len=seq_len, beta=beta, alpha=alpha, nll_den=nll_den,
+            pair_den=pair_den, scale=logit_scale, chunk_size=chunk_size,
         )
-    passes = ((metric_mask, False),) if one_pass_loss is not None else ((grad_mask, True), (metric_mask, False))
-    for mask, grad in passes:
+        if one_pass_loss is not None:  # pairs over chunk_size tokens go through the recomputing path
+            recompute_mask = grad_mask & long_pairs.repeat(2).unsqueeze(1)
+    for mask, grad in ((recompute_mask, True), (metric_mask, False)):
         idx = mask.reshape(-1).nonzero().squeeze(1)
         if idx.numel() == 0:
             continue
@@ -525,31 +539,51 @@ def orpo_loss_from_hidden(
             pair_denominator=pair_denominator,
         )
     if one_pass_loss is not None:
-        out.loss = one_pass_loss
+        loss = one_pass_loss
+        if bool(long_pairs.any()):  # their share of the loss, with the batch's denominators
+            pairs = long_pairs.nonzero().squeeze(1)
+            rows = torch.cat([pairs, pairs + half])
+            loss = loss + _orpo_from_token_logps(
+                token_logps.view(n_rows, seq_len - 1)[rows],
+                (token_sums / vocab).view(n_rows, seq_len - 1)[rows],
+                logp_mask[rows],
+                nll_mask[rows],
+                beta=beta,
+                alpha=alpha,
+                nll_denominator=nll_den,
+                pair_denominator=pair_den,
+            ).loss
+        out.loss = loss
     return out
 
 
 def _one_pass(flat_hidden, weight, bias, flat_targets, grad_mask, logp_mask, nll_mask, token_logps, token_sums, *,
-              seq_len, beta, alpha, nll_denominator, pair_denominator, scale, chunk_size):
-    """Run :class:`_OnePassORPO` over the grad-carrying tokens; fills ``token_logps`` /
-    ``token_sums`` (detached) at those positions and returns the differentiable loss, or
-    returns None (nothing filled) when a single pair has more than ``chunk_size`` tokens."""
+              seq_len, beta, alpha, nll_den, pair_den, scale, chunk_size):
+    """Run :class:`_OnePassORPO` over the grad-carrying tokens of the pairs that have at most
+    ``chunk_size`` of them; fill ``token_logps`` / ``token_sums`` (detached) at those positions.
+
+    Returns:
+        ``(loss, long_pairs)``: their differentiable share of the loss and a ``[B]`` bool mask
+        of the pairs left to the caller (more than ``chunk_size`` tokens); ``(None, None)``
+        (nothing filled) when no pair fits.
+    """
     n_rows = grad_mask.shape[0]
     half = n_rows // 2
     idx = grad_mask.reshape(-1).nonzero().squeeze(1)
     if idx.numel() == 0:
-        return None
+        return None, None
     row = idx // (seq_len - 1)
     pair = row % half
+    long_pairs = torch.bincount(pair, minlength=half) > chunk_size
+    keep = ~long_pairs[pair]
+    if not bool(keep.any()):
+        return None, None
+    idx, row, pair = idx[keep], row[keep], pair[keep]
     order = torch.argsort(pair, stable=True)
     idx, row, pair = idx[order], row[order], pair[order]
     groups = _pair_groups(pair, half, chunk_size)
-    if groups is None:
-        return None
     cdt = _compute_dtype(weight.dtype)
     counts = logp_mask.sum(-1).to(cdt)
-    nll_den = nll_mask.sum().clamp(min=1).to(cdt) if nll_denominator is None else nll_denominator
-    pair_den = half if pair_denominator is None else pair_denominator
     loss, logps, sums = _OnePassORPO.apply(
         flat_hidden, weight, bias, idx + idx // (seq_len - 1), flat_targets.index_select(0, idx), row,
         logp_mask.reshape(-1).index_select(0, idx), nll_mask.reshape(-1).index_select(0, idx), counts, groups,
@@ -557,4 +591,4 @@ def _one_pass(flat_hidden, weight, bias, flat_targets, grad_mask, logp_mask, nll
     )
     token_logps.index_put_((idx,), logps)
     token_sums.index_put_((idx,), sums)
-    return loss
+    return loss, long_pairs

@@ -17,7 +17,7 @@ from orpo_core.fused import (
     orpo_loss_from_hidden,
     per_token_logps_from_hidden,
 )
-from orpo_core.loss import nll_token_count, orpo_loss_from_logits
+from orpo_core.loss import nll_token_count, orpo_loss_from_logits, orpo_target_masks
 
 
 def make_inputs(B=2, T=11, H=8, V=37, dtype=torch.float32, bias=True, seed=0):
@@ -247,9 +247,12 @@ class _CountOnePass:
 
 def test_pair_groups_pack_whole_pairs():
     pair = torch.tensor([0] * 5 + [1] * 3 + [2] * 4 + [3] * 6)
-    assert _pair_groups(pair, 4, 8) == [(0, 8, 0, 2), (8, 12, 2, 3), (12, 18, 3, 4)]
-    assert _pair_groups(pair, 4, 100) == [(0, 18, 0, 4)]
-    assert _pair_groups(pair, 4, 5) is None  # pair 3 has 6 tokens
+    assert _pair_groups(pair, 4, 8) == [(0, 8, [0, 1]), (8, 12, [2]), (12, 18, [3])]
+    assert _pair_groups(pair, 4, 100) == [(0, 18, [0, 1, 2, 3])]
+    # pairs without tokens (left to the recomputing path) are not in any group
+    assert _pair_groups(torch.tensor([0, 0, 2, 2, 2]), 3, 5) == [(0, 5, [0, 2])]
+    with pytest.raises(ValueError, match="6 target tokens"):
+        _pair_groups(pair, 4, 5)
 
 
 @pytest.mark.parametrize("kw", CASES + [dict(beta=0.3, logit_scale=0.5)],
@@ -270,9 +273,38 @@ def test_one_pass_equals_recomputing_backward(monkeypatch, kw):
         assert_rel_close(a, b)
     for key, value in two.metrics.items():
         assert one.metrics[key].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
-    # a chunk smaller than one pair's tokens falls back to the recomputing backward
+    # a chunk smaller than every pair's tokens: all through the recomputing backward
     orpo_loss_from_hidden(hidden, weight, bias, ids, attn, comp, chunk_size=5, **kw)
     assert counter.calls == 1
+
+
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_mixed_batch_long_pairs_recomputed(monkeypatch, kw):
+    """Pairs over chunk_size go through the recomputing path, the others through the one-pass
+    Function, in one call: loss, gradients and metrics equal the unfused reference."""
+    hidden, weight, bias, ids, attn, comp = make_inputs(B=3, T=13, seed=11)
+    for row, end in ((1, 7), (4, 6)):  # make pair 1 short in every case
+        attn[row, end:] = 0
+        comp[row, end:] = 0
+        ids[row, end:] = 0
+    params = [hidden, weight, bias]
+    logp_mask, nll_mask = orpo_target_masks(ids, attn, comp, kw.get("nll_on_prompt", True))
+    grad_mask = (logp_mask if kw["beta"] else torch.zeros_like(logp_mask)) | (nll_mask if kw.get("alpha", 1.0) else False)
+    per_pair = [int(grad_mask[b].sum() + grad_mask[3 + b].sum()) for b in range(3)]
+    chunk = min(per_pair)  # the shortest pair fits, the longest does not
+    assert chunk < max(per_pair), per_pair
+    counter = _CountOnePass(monkeypatch)
+    recomputed = []
+    real = fused_mod._LMHeadTargetLogps.apply
+    monkeypatch.setattr(fused_mod._LMHeadTargetLogps, "apply", lambda *a: recomputed.append(a[0].shape[0]) or real(*a))
+    out = orpo_loss_from_hidden(hidden, weight, bias, ids, attn, comp, chunk_size=chunk, **kw)
+    assert counter.calls == 1 and len(recomputed) == 1 and recomputed[0] > chunk
+    ref = reference(hidden, weight, bias, ids, attn, comp, **kw)
+    assert_rel_close(out.loss.detach(), ref.loss.detach())
+    for a, b in zip(grads(out, params), grads(ref, params)):
+        assert_rel_close(a, b)
+    for key, value in ref.metrics.items():
+        assert out.metrics[key].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
 
 
 def test_one_pass_gradcheck_float64():
