@@ -286,10 +286,11 @@ class _OnePassORPO(torch.autograd.Function):
             if scale is not None:
                 g = g * scale  # z = scale * raw: dloss/draw = scale * dloss/dz
             g_over_s = g / s
+            e_c = e if weight.dtype == cdt else e.to(weight.dtype)  # one low-precision copy for both matmuls
             if need_h:
                 # dlogp/dh = W[t] - softmax(z) @ W
                 gh = g.unsqueeze(1) * weight.index_select(0, t).to(cdt)
-                gh.sub_(g_over_s.unsqueeze(1) * (e.to(weight.dtype) @ weight).to(cdt))
+                gh.sub_(g_over_s.unsqueeze(1) * (e_c @ weight).to(cdt))
                 grad_h.index_copy_(0, hrows[start:end], gh.to(h_all.dtype))
                 del gh
             if need_w or need_b:
@@ -298,12 +299,12 @@ class _OnePassORPO(torch.autograd.Function):
                     if weight.dtype == cdt:
                         grad_w.addmm_(e.t(), hg * g_over_s.unsqueeze(1), alpha=-1.0)
                     else:
-                        grad_w -= (e.to(weight.dtype).t() @ (hg * g_over_s.unsqueeze(1)).to(weight.dtype)).to(cdt)
+                        grad_w -= (e_c.t() @ (hg * g_over_s.unsqueeze(1)).to(weight.dtype)).to(cdt)
                     grad_w.index_add_(0, t, hg * g.unsqueeze(1))
                 if need_b:
                     grad_b -= e.t() @ g_over_s
                     grad_b.index_add_(0, t, g)
-            del e, z
+            del e, e_c, z
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(logps, sums)
