@@ -17,7 +17,7 @@ from orpo_core.sharing import (
 )
 from orpo_core.trainer import ORPOTrainer
 
-from orpo_train_entry import hand_tokenized, make_recipe
+from orpo_train_entry import make_recipe
 
 TRL_NAMES = [
     "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
