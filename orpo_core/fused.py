@@ -223,8 +223,14 @@ class _OnePassORPO(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_all, weight, bias, hrows, targets, rows, is_logp, is_nll, counts, groups, n_pairs,
-                beta, alpha, nll_den, pair_den, scale, chunk_size):
+    def forward(ctx, h_all, weight, bias, *args):
+        # explicit dtypes throughout: the gradient matmuls are not autocast (as in a backward pass)
+        with _no_autocast(h_all.device.type):
+            return _OnePassORPO._forward(ctx, h_all, weight, bias, *args)
+
+    @staticmethod
+    def _forward(ctx, h_all, weight, bias, hrows, targets, rows, is_logp, is_nll, counts, groups, n_pairs,
+                 beta, alpha, nll_den, pair_den, scale, chunk_size):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         cdt = _compute_dtype(weight.dtype)
         dev = h_all.device
