@@ -261,6 +261,7 @@ def ablation_sweep(recipe: str, grid: dict[str, list], overrides: list[str] | No
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
     base_metrics: dict[str, float] | None = None
+    base_point: str | None = None
     for i, p in enumerate(plan):
         row: dict[str, Any] = {"point": p["suffix"], **p["point"]}
         tstate = train_futs[i].state
@@ -290,6 +291,7 @@ def ablation_sweep(recipe: str, grid: dict[str, list], overrides: list[str] | No
             row[f"{k} ci"] = _ci(eres["eval_json"], k)
         if base_metrics is None:
             base_metrics = eval_metrics(eres["eval_json"], which="base") or None
+            base_point = p["suffix"]
         row["status"] = "ok"
         row["eval_json"] = eres["eval_json"]
         rows.append(row)
@@ -303,7 +305,9 @@ def ablation_sweep(recipe: str, grid: dict[str, list], overrides: list[str] | No
         f"# Ablation sweep of {base.run_name}\n\n"
         f"Grid: `{json.dumps(grid)}`; gate metric `{gate}` ({mode}); best point: **{best}**.\n\n"
         + _md_table(table_rows, columns)
-        + ("\nBase model: " + ", ".join(f"`{k}` {v:.4g}" for k, v in base_metrics.items() if k in metric_cols) + "\n" if base_metrics else "")
+        + (f"\nBase model (scored in point {base_point}; its margin uses that point's beta): "
+           + ", ".join(f"`{k}` {v:.4g}" for k, v in base_metrics.items() if k in metric_cols) + "\n"
+           if base_metrics else "")
         + f"\nPlot: `{sweep_dir / 'sweep.png'}`\n"
     )
     sweep_dir.mkdir(parents=True, exist_ok=True)

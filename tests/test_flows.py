@@ -341,7 +341,9 @@ def test_sweep_2x2(prefect_harness, stages, tmp_path, monkeypatch):
     assert stages.max_active == 2
     # data stages shared: once; train + evaluate per point
     assert {k: len(v) for k, v in stages.calls.items()} == {"prepare": 1, "tokenize": 1, "train": 4, "evaluate": 4}
-    assert [c["compare_base"] for c in stages.calls["evaluate"]] == [True, False, False, False]  # base evaluated once
+    # base evaluated once, with the first grid point (evaluations run concurrently: any order)
+    with_base = [c["out"] for c in stages.calls["evaluate"] if c["compare_base"]]
+    assert len(with_base) == 1 and "/a0.5-b0.05/" in with_base[0] + "/"
     expected = {f"a{a:g}-b{b:g}": acc_formula(a, b, 9) for a in (0.5, 1.0) for b in (0.05, 0.1)}
     rows = {row["point"]: row for row in out["points"]}
     assert set(rows) == set(expected)
@@ -355,6 +357,7 @@ def test_sweep_2x2(prefect_harness, stages, tmp_path, monkeypatch):
     assert json.loads((sweep_dir / "sweep.json").read_text())["best"] == out["best"]
     md = (sweep_dir / "sweep.md").read_text()
     assert all(f"| {p} |" in md for p in expected)
+    assert "Base model (scored in point a0.5-b0.05; its margin uses that point's beta)" in md
     png = sweep_dir / "sweep.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     img = imread(png)
