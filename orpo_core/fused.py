@@ -91,16 +91,34 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def _chunk_logits(h, weight, bias, scale, softcap):
+def _logit_buffer(n: int, chunk_size: int, weight: torch.Tensor) -> torch.Tensor | None:
+    """A reusable ``[min(chunk_size, n), V]`` buffer for the chunk logits when the projection
+    can write straight into it (weight already in the compute dtype), else None. Reusing
+    one buffer spares a fresh large allocation (and its page faults) per chunk."""
+    if weight.dtype != _compute_dtype(weight.dtype) or n == 0:
+        return None
+    return torch.empty(min(chunk_size, n), weight.shape[0], dtype=weight.dtype, device=weight.device)
+
+
+def _chunk_logits(h, weight, bias, scale, softcap, out=None):
     """``[C, H]`` hidden -> ``(z, dz/draw)``: float32 ``[C, V]`` final logits and the
     derivative of the post-projection transform (None when it is the identity or a
-    constant scale, which is returned as a float)."""
+    constant scale, which is returned as a float). ``out``: a buffer from
+    :func:`_logit_buffer` to write the logits into (its first ``C`` rows)."""
     # The projection runs in the weight dtype even under autocast, so that the forward
     # and the backward recomputation see bit-identical logits.
     with _no_autocast(h.device.type):
-        raw = h.to(weight.dtype) @ weight.t()
-        if bias is not None:
-            raw = raw + bias.to(raw.dtype)
+        hw = h.to(weight.dtype)
+        if out is not None:
+            raw = out[: h.shape[0]]
+            if bias is None:
+                torch.mm(hw, weight.t(), out=raw)
+            else:
+                torch.addmm(bias.to(weight.dtype), hw, weight.t(), out=raw)
+        else:
+            raw = hw @ weight.t()
+            if bias is not None:
+                raw = raw + bias.to(raw.dtype)
     z = raw.to(_compute_dtype(weight.dtype))
     del raw
     deriv: torch.Tensor | float | None = None
@@ -123,12 +141,15 @@ def _chunked_forward(h, weight, bias, targets, chunk_size, scale, softcap, want_
     logps = torch.empty(n, dtype=cdt, device=h.device)
     sums = torch.empty(n, dtype=cdt, device=h.device)
     lse = torch.empty(n, dtype=cdt, device=h.device) if want_lse else None
+    buf = _logit_buffer(n, chunk_size, weight)
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
-        z, _ = _chunk_logits(h[start:end], weight, bias, scale, softcap)
-        chunk_lse = torch.logsumexp(z, dim=-1)
-        logps[start:end] = z.gather(1, targets[start:end].unsqueeze(1)).squeeze(1) - chunk_lse
+        z, _ = _chunk_logits(h[start:end], weight, bias, scale, softcap, out=buf)
         sums[start:end] = z.sum(-1)
+        z_t = z.gather(1, targets[start:end].unsqueeze(1)).squeeze(1)
+        z_max = z.amax(1)
+        chunk_lse = z.sub_(z_max.unsqueeze(1)).exp_().sum(-1).log_().add_(z_max)  # in place: logsumexp
+        logps[start:end] = z_t - chunk_lse
         if lse is not None:
             lse[start:end] = chunk_lse
         del z
@@ -168,20 +189,44 @@ class _LMHeadTargetLogps(torch.autograd.Function):
             grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device)
         n = h.shape[0]
         rows = torch.arange(min(ctx.chunk_size, n), device=h.device)
+        buf = _logit_buffer(n, ctx.chunk_size, weight)
         for start in range(0, n, ctx.chunk_size):
             end = min(start + ctx.chunk_size, n)
             g = grad_logps[start:end]
-            z, deriv = _chunk_logits(h[start:end], weight, bias, ctx.scale, ctx.softcap)
-            # d(z_t - lse)/dz = onehot(t) - softmax(z); grad_z = g * (onehot - p), in place on z
-            grad_z = z.sub_(lse[start:end].unsqueeze(1)).exp_().mul_(-g.unsqueeze(1))
-            grad_z[rows[: end - start], targets[start:end]] += g
-            if deriv is not None:
-                grad_z.mul_(deriv)
+            t = targets[start:end]
+            z, deriv = _chunk_logits(h[start:end], weight, bias, ctx.scale, ctx.softcap, out=buf)
+            p = z.sub_(lse[start:end].unsqueeze(1)).exp_()  # softmax, in place
+            if ctx.softcap is None:
+                # d logp / d raw = s * (onehot(t) - p) for z = s * raw: the per-token factor
+                # g * s goes on the [C, H] operands, the one-hot part is a gather / scatter
+                gs = g * (ctx.scale if ctx.scale is not None else 1.0)
+                p_c = p if p.dtype == weight.dtype else p.to(weight.dtype)
+                if need_b:
+                    grad_b -= p.t() @ gs
+                    grad_b.index_add_(0, t, gs)
+                if need_h:
+                    gh = weight.index_select(0, t).to(cdt) - (p_c @ weight).to(cdt)
+                    grad_h[start:end] = gh.mul_(gs.unsqueeze(1)).to(h.dtype)
+                    del gh
+                if need_w:
+                    hg = h[start:end].to(cdt) * gs.unsqueeze(1)
+                    if grad_w.dtype == weight.dtype:
+                        grad_w.addmm_(p_c.t(), hg, alpha=-1.0)
+                    else:
+                        grad_w -= (p_c.t() @ hg.to(weight.dtype)).to(cdt)
+                    grad_w.index_add_(0, t, hg)
+                    del hg
+                del p_c, p, z, deriv
+                continue
+            # softcap: elementwise transform derivative, grad_z = g * (onehot - p) * dz/draw
+            grad_z = p.mul_(-g.unsqueeze(1))
+            grad_z[rows[: end - start], t] += g
+            grad_z.mul_(deriv)
             del deriv
             if need_b:
                 grad_b += grad_z.sum(0)
             grad_z_c = grad_z.to(weight.dtype)
-            del grad_z, z
+            del grad_z, z, p
             if need_h:
                 grad_h[start:end] = (grad_z_c @ weight).to(h.dtype)
             if need_w:
