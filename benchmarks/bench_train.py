@@ -48,7 +48,8 @@ Measurements
   ``chosen_attention_mask.sum() + rejected_attention_mask.sum()``, counted in ``compute_loss``),
   divided by the summed duration of the timed steps. Padding is not counted.
 * **peak RSS**: ``getrusage(RUSAGE_SELF).ru_maxrss + getrusage(RUSAGE_CHILDREN).ru_maxrss`` in the
-  worker at exit (our worker also saves the final model, as ``run_training`` does; TRL's does not);
+  worker at exit (``rss_above_imports``: the same minus the RSS right after the imports, which both
+  trainers share) (our worker also saves the final model, as ``run_training`` does; TRL's does not);
   ``train peak`` is ``ru_maxrss`` at ``on_train_end``; the per-stage RSS timeline is in the JSON.
 * **MFU**: training FLOPs of the timed steps / their duration / this machine's measured fp32 matmul
   rate (median of timed ``2048 x 2048`` fp32 ``torch.matmul``, measured in each worker right before
@@ -685,6 +686,9 @@ def analyse_run(res: dict[str, Any], spec: dict[str, Any], shape: dict[str, int]
         "padding_fraction": 1.0 - tokens / padded if padded else 0.0,
         "peak_rss_mib": res["peak_rss_mib"],
         "peak_cuda_mib": res.get("peak_cuda_mib"),
+        # peak minus the RSS right after the imports (torch, transformers.Trainer, ...), which both
+        # trainers share: the memory the training itself added
+        "rss_above_imports_mib": res["peak_rss_mib"] - res["rss"]["imports"]["now"],
         "train_peak_rss_mib": res["rss"].get("train_end", {}).get("max"),
         "rss": res["rss"],
         "step_rss_now_mib": [x["now"] for x in res["step_rss"]],
@@ -716,7 +720,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         by.setdefault(r["kind"], []).append(r)
     keys = ("s_per_step", "cpu_s_per_step", "tokens_per_s", "useful_tokens_per_s", "peak_rss_mib", "train_peak_rss_mib",
             "mfu_useful", "mfu_fed", "matmul_gflops", "achieved_gflops_useful", "padding_fraction", "first_loss",
-            "peak_cuda_mib")
+            "peak_cuda_mib", "rss_above_imports_mib")
     out: dict[str, Any] = {"variants": {}}
     for kind, rs in by.items():
         v: dict[str, Any] = {"reps": len(rs)}
@@ -741,6 +745,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "throughput_ratio": v["tokens_per_s"] / trl["tokens_per_s"],
                 "useful_throughput_ratio": v["useful_tokens_per_s"] / trl["useful_tokens_per_s"],
                 "rss_ratio": v["peak_rss_mib"] / trl["peak_rss_mib"],
+                "rss_above_imports_ratio": v["rss_above_imports_mib"] / trl["rss_above_imports_mib"],
                 "train_rss_ratio": (v["train_peak_rss_mib"] / trl["train_peak_rss_mib"])
                 if v.get("train_peak_rss_mib") and trl.get("train_peak_rss_mib") else None,
                 "cuda_memory_ratio": (v["peak_cuda_mib"] / trl["peak_cuda_mib"])
@@ -780,6 +785,7 @@ def format_table(summary: dict[str, Any]) -> str:
             f"{kind}/trl: throughput x{r['throughput_ratio']:.2f} (target >= {TARGETS['throughput_ratio_min']}: "
             f"{'met' if r['meets_throughput_target'] else 'MISSED'}), peak RSS x{r['rss_ratio']:.2f} "
             f"(target <= {TARGETS['rss_ratio_max']}: {'met' if r['meets_rss_target'] else 'MISSED'}), "
+            f"above the imports x{r['rss_above_imports_ratio']:.2f}, "
             f"step time x{r['step_time_ratio']:.2f}, CPU time per step x{r['cpu_time_ratio']:.2f}; "
             f"best reps: throughput x{r['best_throughput_ratio']:.2f}, CPU time x{r['best_cpu_time_ratio']:.2f}"
         )
