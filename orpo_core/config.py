@@ -139,7 +139,9 @@ class DataConfig(_Strict):
     on_error: Literal["raise", "skip"] = "raise"
     max_length: int = Field(1024, gt=1, description="prompt + completion tokens")
     max_prompt_length: int = Field(512, gt=0)
-    num_proc: int = Field(1, ge=1, description="processes for tokenization (datasets.map, >= 1000 rows each); preparation runs in one process")
+    num_proc: int = Field(
+        1, ge=1, description="processes for tokenization (datasets.map, >= 1000 rows each); preparation uses one"
+    )
     cache_dir: str | None = None
 
     @model_validator(mode="after")
