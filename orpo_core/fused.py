@@ -156,6 +156,36 @@ def _chunked_forward(h, weight, bias, targets, chunk_size, scale, softcap, want_
     return logps, sums, lse
 
 
+def _softmax_head_grads(e, g, w, t, h, weight, grad_w, grad_b, need_h):
+    """Gradients of ``sum_i g_i * logp_i`` for one chunk, with ``logp_i = z_i[t_i] - lse(z_i)``.
+
+    ``d/dz_i = g_i * onehot(t_i) - w_i * e_i`` where ``e`` ``[C, V]`` (compute dtype) is
+    ``softmax(z)`` up to a per-row factor that ``w`` ``[C]`` carries (``e = exp(z - max z)``,
+    ``w = g / sum(e)``; or ``e = softmax(z)``, ``w = g``). The factors go on ``[C, H]``
+    operands and the one-hot part is a gather / scatter, so the only ``[C, V]`` work is the
+    two matmuls with ``e``. Accumulates into ``grad_w`` ``[V, H]`` / ``grad_b`` ``[V]``
+    (compute dtype, either may be None) and returns ``grad_h`` ``[C, H]`` (compute dtype)
+    when ``need_h``, else None.
+    """
+    cdt = e.dtype
+    e_c = e if weight.dtype == cdt else e.to(weight.dtype)  # one low-precision copy for both matmuls
+    gh = None
+    if need_h:  # g * W[t] - w * (e @ W)
+        gh = g.unsqueeze(1) * weight.index_select(0, t).to(cdt)
+        gh.sub_(w.unsqueeze(1) * (e_c @ weight).to(cdt))
+    if grad_w is not None:
+        hc = h.to(cdt)
+        if weight.dtype == cdt:
+            grad_w.addmm_(e.t(), hc * w.unsqueeze(1), alpha=-1.0)
+        else:  # product in the weight dtype, accumulated in float32
+            grad_w -= (e_c.t() @ (hc * w.unsqueeze(1)).to(weight.dtype)).to(cdt)
+        grad_w.index_add_(0, t, hc * g.unsqueeze(1))
+    if grad_b is not None:
+        grad_b -= e.t() @ w
+        grad_b.index_add_(0, t, g)
+    return gh
+
+
 class _LMHeadTargetLogps(torch.autograd.Function):
     """``(h [N, H], weight [V, H], bias [V] | None, targets [N]) -> (logps [N], logit_sums [N])``.
 
@@ -200,23 +230,10 @@ class _LMHeadTargetLogps(torch.autograd.Function):
                 # d logp / d raw = s * (onehot(t) - p) for z = s * raw: the per-token factor
                 # g * s goes on the [C, H] operands, the one-hot part is a gather / scatter
                 gs = g * (ctx.scale if ctx.scale is not None else 1.0)
-                p_c = p if p.dtype == weight.dtype else p.to(weight.dtype)
-                if need_b:
-                    grad_b -= p.t() @ gs
-                    grad_b.index_add_(0, t, gs)
-                if need_h:
-                    gh = weight.index_select(0, t).to(cdt) - (p_c @ weight).to(cdt)
-                    grad_h[start:end] = gh.mul_(gs.unsqueeze(1)).to(h.dtype)
-                    del gh
-                if need_w:
-                    hg = h[start:end].to(cdt) * gs.unsqueeze(1)
-                    if grad_w.dtype == weight.dtype:
-                        grad_w.addmm_(p_c.t(), hg, alpha=-1.0)
-                    else:
-                        grad_w -= (p_c.t() @ hg.to(weight.dtype)).to(cdt)
-                    grad_w.index_add_(0, t, hg)
-                    del hg
-                del p_c, p, z, deriv
+                gh = _softmax_head_grads(p, gs, gs, t, h[start:end], weight, grad_w, grad_b, need_h)
+                if gh is not None:
+                    grad_h[start:end] = gh.to(h.dtype)
+                del p, z, deriv, gh
                 continue
             # softcap: elementwise transform derivative, grad_z = g * (onehot - p) * dz/draw
             grad_z = p.mul_(-g.unsqueeze(1))
@@ -336,26 +353,10 @@ class _OnePassORPO(torch.autograd.Function):
             loss += group_loss.detach()
             if scale is not None:
                 g = g * scale  # z = scale * raw: dloss/draw = scale * dloss/dz
-            g_over_s = g / s
-            e_c = e if weight.dtype == cdt else e.to(weight.dtype)  # one low-precision copy for both matmuls
-            if need_h:
-                # dlogp/dh = W[t] - softmax(z) @ W
-                gh = g.unsqueeze(1) * weight.index_select(0, t).to(cdt)
-                gh.sub_(g_over_s.unsqueeze(1) * (e_c @ weight).to(cdt))
+            gh = _softmax_head_grads(e, g, g / s, t, h, weight, grad_w, grad_b, need_h)
+            if gh is not None:
                 grad_h.index_copy_(0, hrows[start:end], gh.to(h_all.dtype))
-                del gh
-            if need_w or need_b:
-                hg = h.to(cdt)
-                if need_w:
-                    if weight.dtype == cdt:
-                        grad_w.addmm_(e.t(), hg * g_over_s.unsqueeze(1), alpha=-1.0)
-                    else:
-                        grad_w -= (e_c.t() @ (hg * g_over_s.unsqueeze(1)).to(weight.dtype)).to(cdt)
-                    grad_w.index_add_(0, t, hg * g.unsqueeze(1))
-                if need_b:
-                    grad_b -= e.t() @ g_over_s
-                    grad_b.index_add_(0, t, g)
-            del e, e_c, z
+            del e, z, gh
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(logps, sums)
