@@ -133,6 +133,18 @@ def _chunk_logits(h, weight, bias, scale, softcap, out=None):
     return z, deriv
 
 
+def _exp_shifted(z: torch.Tensor, targets: torch.Tensor):
+    """``z`` ``[C, V]`` logits -> ``(e, s, lse, z_t)``: ``z`` overwritten in place with
+    ``e = exp(z - max z)``, its row sums ``s`` (``softmax(z) = e / s``), ``lse = logsumexp(z)``
+    and the target logits ``z_t`` (``[C]`` each, read before the overwrite). No temporary
+    of the ``[C, V]`` size."""
+    z_t = z.gather(1, targets.unsqueeze(1)).squeeze(1)
+    z_max = z.amax(1)
+    e = z.sub_(z_max.unsqueeze(1)).exp_()
+    s = e.sum(-1)
+    return e, s, s.log().add_(z_max), z_t
+
+
 def _chunked_forward(h, weight, bias, targets, chunk_size, scale, softcap, want_lse):
     """Per-token ``z[target] - logsumexp(z)`` (float32 ``[N]``), ``sum_v z`` (float32 ``[N]``)
     and, when ``want_lse``, ``logsumexp(z)`` (float32 ``[N]``)."""
@@ -146,9 +158,7 @@ def _chunked_forward(h, weight, bias, targets, chunk_size, scale, softcap, want_
         end = min(start + chunk_size, n)
         z, _ = _chunk_logits(h[start:end], weight, bias, scale, softcap, out=buf)
         sums[start:end] = z.sum(-1)
-        z_t = z.gather(1, targets[start:end].unsqueeze(1)).squeeze(1)
-        z_max = z.amax(1)
-        chunk_lse = z.sub_(z_max.unsqueeze(1)).exp_().sum(-1).log_().add_(z_max)  # in place: logsumexp
+        _, _, chunk_lse, z_t = _exp_shifted(z, targets[start:end])
         logps[start:end] = z_t - chunk_lse
         if lse is not None:
             lse[start:end] = chunk_lse
@@ -297,42 +307,21 @@ class _OnePassORPO(torch.autograd.Function):
         cdt = _compute_dtype(weight.dtype)
         dev = h_all.device
         n = hrows.shape[0]
-        vocab = weight.shape[0]
         logps = torch.empty(n, dtype=cdt, device=dev)
         sums = torch.empty(n, dtype=cdt, device=dev)
         grad_h = torch.zeros_like(h_all) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
         loss = torch.zeros((), dtype=cdt, device=dev)
-        w_c = weight if weight.dtype == cdt else None  # fp32/fp64: project straight into a reused buffer
-        buf = torch.empty(min(chunk_size, n), vocab, dtype=cdt, device=dev) if w_c is not None else None
+        buf = _logit_buffer(n, chunk_size, weight)
         half = n_pairs
         for start, end, pair_list in groups:
-            m = end - start
             h = h_all.index_select(0, hrows[start:end])
             t = targets[start:end]
-            with _no_autocast(dev.type):
-                hw = h.to(weight.dtype)
-                if buf is not None:
-                    z = buf[:m]
-                    if bias is None:
-                        torch.mm(hw, weight.t(), out=z)
-                    else:
-                        torch.addmm(bias.to(cdt), hw, weight.t(), out=z)
-                else:
-                    raw = hw @ weight.t()
-                    if bias is not None:
-                        raw = raw + bias.to(raw.dtype)
-                    z = raw.to(cdt)
-                    del raw
-            if scale is not None:
-                z.mul_(scale)
+            z, _ = _chunk_logits(h, weight, bias, scale, None, out=buf)
             sums[start:end] = z.sum(-1)
-            z_t = z.gather(1, t.unsqueeze(1)).squeeze(1)
-            z_max = z.amax(1)
-            e = z.sub_(z_max.unsqueeze(1)).exp_()  # in place: e = exp(z - max z)
-            s = e.sum(-1)
-            lp = z_t - z_max - s.log()
+            e, s, lse, z_t = _exp_shifted(z, t)
+            lp = z_t - lse
             logps[start:end] = lp
 
             # dloss/dlogp of this group's tokens (exact ORPO algebra of orpo_core.loss)
