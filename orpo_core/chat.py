@@ -101,8 +101,9 @@ def load_tokenizer(model_cfg: Any, work_dir: str | Path, seed: int = 0) -> tuple
 
     Source: ``model_cfg.tokenizer`` when set (loaded without ``revision``, which
     belongs to the model), else the model itself
-    (:func:`orpo_core.tiny.resolve_model_path`: a ``tiny`` model is built under
-    ``work_dir/base_model`` from ``seed``). Loaded with
+    (:func:`orpo_core.model_sources.resolve_model_source`: a ``tiny`` model is built under
+    ``work_dir/base_model`` from ``seed``; a GGUF source gives the tokenizer of its converted
+    folder, with the GGUF's own chat template, which ``auto`` keeps). Loaded with
     ``AutoTokenizer.from_pretrained(path, revision=model_cfg.revision,
     trust_remote_code=model_cfg.trust_remote_code)``.
 
@@ -134,8 +135,13 @@ def load_tokenizer(model_cfg: Any, work_dir: str | Path, seed: int = 0) -> tuple
     if model_cfg.tokenizer:
         source, revision = str(model_cfg.tokenizer), None
     else:
-        source = str(_resolve_model(model_cfg, work_dir, seed))
-        revision = None if model_cfg.is_tiny else model_cfg.revision
+        from orpo_core.model_sources import ModelSourceError, resolve_model_source
+
+        try:
+            resolved = resolve_model_source(model_cfg, work_dir, seed)
+        except ModelSourceError as e:
+            raise TokenizerLoadError(str(e)) from None
+        source, revision = resolved.path, resolved.revision
     what = f"{source!r}" + (f" (revision {revision!r})" if revision else "")
     if _looks_local(source) and not Path(source).expanduser().is_dir():
         raise TokenizerLoadError(f"tokenizer path {what} does not exist or is not a folder")
@@ -166,8 +172,3 @@ def load_tokenizer(model_cfg: Any, work_dir: str | Path, seed: int = 0) -> tuple
         tok.pad_token = tok.eos_token
     return tok, added
 
-
-def _resolve_model(model_cfg: Any, work_dir: str | Path, seed: int) -> str:
-    from orpo_core.tiny import resolve_model_path
-
-    return resolve_model_path(model_cfg, work_dir, seed)

@@ -61,8 +61,15 @@ class TinyModelConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name_or_path: str = Field(..., description="Hub id, local folder, or 'tiny' for a locally built random model")
+    name_or_path: str = Field(
+        ...,
+        description="Hub id, local folder, a .gguf file, a packaged model's short name "
+        "(smollm2-135m-instruct; orpo_core.model_sources), or 'tiny' for a locally built random model",
+    )
     revision: str | None = None
+    gguf_file: str | None = Field(
+        None, description="GGUF file inside the name_or_path folder (or Hub repo); converted once to a cached safetensors folder"
+    )
     tokenizer: str | None = Field(None, description="tokenizer id/path when different from the model")
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -75,6 +82,15 @@ class ModelConfig(_Strict):
     @property
     def is_tiny(self) -> bool:
         return self.name_or_path == "tiny" or self.name_or_path.startswith("tiny:")
+
+    @model_validator(mode="after")
+    def _gguf_file_needs_folder(self) -> "ModelConfig":
+        if self.gguf_file is not None:
+            if not self.gguf_file.lower().endswith(".gguf"):
+                raise ValueError(f"model.gguf_file {self.gguf_file!r} must name a .gguf file")
+            if self.is_tiny or self.name_or_path.lower().endswith(".gguf"):
+                raise ValueError("model.gguf_file needs model.name_or_path to be the folder (or Hub repo) holding it")
+        return self
 
 
 # --------------------------------------------------------------------------- data

@@ -228,11 +228,25 @@ def hub_datasets(recipe: Recipe) -> list[str]:
     return out
 
 
+def base_model_origin(recipe: Recipe) -> dict[str, Any] | None:
+    """Provenance of a GGUF base model (packaged short name, ``.gguf`` file, folder +
+    ``gguf_file``): :func:`orpo_core.model_sources.source_origin`; None otherwise."""
+    from .model_sources import source_origin
+
+    if recipe.model is None or recipe.model.is_tiny or _is_hub_id(recipe.model.name_or_path) and not recipe.model.gguf_file:
+        return None
+    return source_origin(recipe.model)
+
+
 def base_model_id(recipe: Recipe) -> str | None:
-    """The base model's Hub id, or None for a tiny / local base model."""
+    """The base model's Hub id: the recipe's Hub id, or for a GGUF the Hub model it was
+    made from (``base_model`` of its origin); None for a tiny / local base model."""
     if recipe.model is None or recipe.model.is_tiny:
         return None
-    return recipe.model.name_or_path if _is_hub_id(recipe.model.name_or_path) else None
+    if _is_hub_id(recipe.model.name_or_path) and not recipe.model.gguf_file:
+        return recipe.model.name_or_path
+    origin = base_model_origin(recipe)
+    return origin.get("base_model") if origin else None
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -399,6 +413,12 @@ def build_model_card(
         if base
         else f"`{recipe.model.name_or_path if recipe.model else 'unknown'}` (not a Hub model)"
     )
+    origin = base_model_origin(recipe)
+    if origin:
+        model_desc += (
+            f" (from the GGUF `{origin.get('file')}`, sha256 `{str(origin.get('sha256', ''))[:16]}`, "
+            f"quantization {origin.get('quantization') or 'unknown'} dequantized to {origin.get('dtype', 'float32')})"
+        )
     sources = []
     for s in recipe.data.sources:
         if s.synthetic is not None:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .config import Recipe
-from .tiny import resolve_model_path
+from .model_sources import ModelSourceError, resolve_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +80,14 @@ def _looks_like_path(s: str) -> bool:
 
 
 def _resolve_source(recipe: Recipe, work_dir: str | Path | None = None) -> str:
-    """Local folder (absolute) or Hub id of the base model; raises ModelLoadError for a
-    local path that does not exist."""
+    """Local folder (absolute) or Hub id of the base model (GGUF sources converted to their
+    cached folder by :mod:`orpo_core.model_sources`); raises ModelLoadError for a local path
+    that does not exist or a GGUF source that cannot be resolved."""
     mcfg = recipe.require_model()
-    src = resolve_model_path(mcfg, work_dir if work_dir is not None else recipe.out_dir, seed=recipe.seed)
+    try:
+        src = resolve_model_source(mcfg, work_dir if work_dir is not None else recipe.out_dir, seed=recipe.seed).path
+    except ModelSourceError as e:
+        raise ModelLoadError(str(e)) from None
     p = Path(src).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -165,7 +169,7 @@ def _from_pretrained(source: str, recipe: Recipe, dtype: torch.dtype, quantizati
         "trust_remote_code": bool(mcfg.trust_remote_code),
         "use_safetensors": True,
     }
-    if mcfg.revision:
+    if mcfg.revision and source == mcfg.name_or_path:  # a Hub id; local and converted folders have none
         kwargs["revision"] = mcfg.revision
     if mcfg.attn_implementation:
         kwargs["attn_implementation"] = mcfg.attn_implementation
@@ -173,7 +177,7 @@ def _from_pretrained(source: str, recipe: Recipe, dtype: torch.dtype, quantizati
         kwargs["quantization_config"] = quantization_config
     if device_map is not None:
         kwargs["device_map"] = device_map
-    rev = f" (revision {mcfg.revision})" if mcfg.revision else ""
+    rev = f" (revision {kwargs['revision']})" if "revision" in kwargs else ""
     try:
         return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:

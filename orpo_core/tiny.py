@@ -150,10 +150,12 @@ def build_tiny_model(cfg: TinyModelConfig, out_dir: str | Path, seed: int = 0) -
 def resolve_model_path(model_cfg, work_dir: str | Path, seed: int = 0) -> str:
     """Return a path or Hub id that ``from_pretrained`` can load for ``model_cfg``.
 
-    For ``name_or_path: tiny`` the tiny model is built (once, deterministically
-    from ``model.tiny`` and ``seed``) under ``work_dir/base_model``; any other
-    value is returned unchanged (Hub id or local folder).
+    Delegates to :func:`orpo_core.model_sources.resolve_model_source`: ``tiny`` is built
+    (once, deterministically from ``model.tiny`` and ``seed``) under ``work_dir/base_model``,
+    a GGUF (a ``.gguf`` path, a folder plus ``model.gguf_file``, or a packaged short name such
+    as ``smollm2-135m-instruct``) is converted once to a cached safetensors folder, and any
+    other value is returned unchanged (Hub id or local folder).
     """
-    if model_cfg.is_tiny:
-        return str(build_tiny_model(model_cfg.tiny, Path(work_dir) / "base_model", seed=seed))
-    return model_cfg.name_or_path
+    from .model_sources import resolve_model_source
+
+    return resolve_model_source(model_cfg, work_dir, seed=seed).path

@@ -66,6 +66,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "tokenize": (
         "model.name_or_path",
         "model.revision",
+        "model.gguf_file",
         "model.tokenizer",
         "model.trust_remote_code",
         "model.chat_template",
@@ -81,7 +82,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
 # the union errs on the side of re-running (a helper shared by two stages is in both).
 STAGE_CODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prepare": (("__init__.py", "config.py", "synthetic.py", "data/**/*.py"), ("data/tokenize.py",)),
-    "tokenize": (("__init__.py", "config.py", "tiny.py", "chat.py", "data/**/*.py"), ()),
+    "tokenize": (("__init__.py", "config.py", "tiny.py", "model_sources.py", "chat.py", "data/**/*.py"), ()),
     "train": (("**/*.py",), ("evaluation/**", "hub.py", "model_card.py")),
     "evaluate": (("**/*.py", "lm_eval_tasks/**/*"), ("hub.py", "model_card.py")),
 }
