@@ -132,35 +132,67 @@ def train(
 def eval_(
     recipe: str = RecipeArg,
     set_: Optional[list[str]] = SetOpt,
-    model: Optional[str] = typer.Option(None, "--model", help="model folder to evaluate (default: the run's trained model)"),
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        help="model to evaluate: a folder, a .gguf file or a packaged model name (default: the run's trained model); "
+        "works without a prepared run (the model's own tokenizer, what needs no prepared data)",
+    ),
     base: bool = typer.Option(True, "--base/--no-base", help="also evaluate the base model and report deltas"),
 ) -> None:
-    """Evaluate a model: preference accuracy, perplexity, lm-eval tasks; writes eval.json and eval.md."""
+    """Evaluate a model: preference accuracy, perplexity, lm-eval tasks; writes eval.json and eval.md.
+
+    With ``--model`` on a run that was never prepared, the model's own tokenizer and chat
+    template are used, only what needs no prepared data runs (corpus perplexity, lm-eval tasks,
+    fixed prompts) and eval.md lists what was skipped. A model evaluated alone (``--no-base``, or
+    the recipe's base model itself) is called "model" in eval.md, not "trained".
+    """
     _setup_env()
     r = _load(recipe, set_)
     from orpo_core.evaluation import run_evaluation
+    from orpo_core.model_sources import resolve_model_source
     from orpo_core.tiny import resolve_model_path
 
     out = r.out_dir
-    model_dir = Path(model) if model else out / "train" / "model"
+    trained_dir = out / "train" / "model"
     log_history = out / "train" / "log_history.json"
     try:
-        r.require_model()
+        mcfg = r.require_model()
+        if model:
+            given = mcfg.model_copy(update={"name_or_path": model, "gguf_file": None, "revision": None})
+            model_dir = Path(resolve_model_source(given, out, seed=r.seed).path)
+        else:
+            model_dir = trained_dir
+            if not trained_dir.is_dir():
+                raise FileNotFoundError(
+                    f"no trained model in {trained_dir}: run `orpo train RECIPE` first, or evaluate a model "
+                    "on its own with `orpo eval RECIPE --model PATH` (folder, .gguf or packaged name)"
+                )
+        is_trained = model_dir.expanduser().resolve() == trained_dir.resolve()
         if not base:
             r.eval.compare_base = False  # run_evaluation reads the recipe: None alone means "derive the base"
-        base_model = resolve_model_path(r.model, out, seed=r.seed) if r.eval.compare_base else None
+        base_model = resolve_model_path(mcfg, out, seed=r.seed) if r.eval.compare_base else None
+        if base_model is not None and Path(base_model).exists() and Path(base_model).resolve() == model_dir.expanduser().resolve():
+            console.print("[yellow]the model is the recipe's base model: evaluated once, without a comparison[/yellow]")
+            r.eval.compare_base, base_model = False, None
+        label = "model" if (model and not is_trained and not r.eval.compare_base) else None
         result = run_evaluation(
             r,
             model_dir,
             out / "tokenized",
             out / "eval",
             base_model=base_model,
-            log_history=log_history if log_history.is_file() else None,
+            log_history=log_history if (is_trained and log_history.is_file()) else None,
+            allow_unprepared=bool(model),
+            model_label=label,
         )
     except Exception as e:  # noqa: BLE001
         _fail(e)
-    console.print(f"[green]eval[/green] -> {out / 'eval' / 'eval.md'}")
     _print_json(result.get("summary", result) if isinstance(result, dict) else result)
+    skipped = result.get("skipped") if isinstance(result, dict) else None
+    for item in skipped or []:
+        console.print(f"[yellow]skipped[/yellow]: {item}")
+    console.print(f"[green]eval[/green] -> {out / 'eval' / 'eval.md'}")
 
 
 @app.command()

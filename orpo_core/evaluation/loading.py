@@ -144,6 +144,56 @@ def validate_model_source(
     return ModelSource(s, "hub", revision=revision)
 
 
+def model_tokenizer_source(source: ModelSource) -> ModelSource:
+    """Where the model's own tokenizer lives, for an evaluation without a prepared run.
+
+    The model folder when it holds ``tokenizer_config.json``; for an adapter without one, its
+    base; a Hub id is its own source. No file is loaded.
+
+    Raises:
+        EvalInputError: a local folder (and, for an adapter, its base folder) without a tokenizer.
+    """
+    cand = [source] + ([source.base] if source.base is not None else [])
+    for c in cand:
+        if c.kind == "hub" or (Path(c.name_or_path) / "tokenizer_config.json").is_file():
+            return c
+    raise EvalInputError(
+        f"model {source.name_or_path!r} has no tokenizer (tokenizer_config.json) and the run has no "
+        "prepared tokenizer (run `orpo prep RECIPE` first)"
+    )
+
+
+def load_model_tokenizer(source: ModelSource, *, chat_template: str = "auto", trust_remote_code: bool = False):
+    """Load the model's own tokenizer (from :func:`model_tokenizer_source`) for evaluation.
+
+    The chat template follows ``model.chat_template`` as in tokenization
+    (:func:`orpo_core.chat.load_tokenizer`): ``auto`` keeps the model's template and gives
+    ChatML to a tokenizer without one, ``chatml`` always ChatML, ``model`` requires the model's
+    own. The pad token defaults to the eos token.
+
+    Raises:
+        EvalInputError: the tokenizer cannot be loaded, or ``chat_template: model`` without one.
+    """
+    from transformers import AutoTokenizer
+
+    from orpo_core.chat import has_chat_template, setup_chat_format
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if source.revision:
+        kwargs["revision"] = source.revision
+    try:
+        tok = AutoTokenizer.from_pretrained(source.name_or_path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise EvalInputError(f"cannot load the tokenizer of {source.name_or_path!r}: {e}") from None
+    if chat_template == "model" and not has_chat_template(tok):
+        raise EvalInputError(f"tokenizer of {source.name_or_path!r} has no chat template (model.chat_template: model)")
+    if chat_template == "chatml" or not has_chat_template(tok):
+        setup_chat_format(tok, overwrite=True)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 # --------------------------------------------------------------------------- loading
 def resolve_device(device: str | None = None):
     """``torch.device``: the given one, else CUDA when available, else CPU."""
@@ -318,6 +368,12 @@ def describe_source(source: ModelSource, model=None) -> dict[str, Any]:
     folder = source.name_or_path if source.kind != "hub" else source.extra.get("cached_snapshot")
     if folder and Path(folder).is_dir():
         info["fingerprint"] = fingerprint_folder(folder)
+        from orpo_core.model_sources import describe_origin, read_source_info
+
+        origin = read_source_info(folder)  # a converted GGUF: where it came from
+        if origin:
+            info["origin"] = {k: origin.get(k) for k in ("base_model", "file", "sha256", "quantization", "dtype")}
+            info["origin"]["description"] = describe_origin(origin)
     if source.kind == "hub" and source.extra.get("cached_snapshot"):
         info["commit"] = Path(source.extra["cached_snapshot"]).name
     if source.base is not None:

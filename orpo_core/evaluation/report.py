@@ -160,6 +160,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     """``eval.md``: models, preference, perplexity and lm-eval tables (base, trained,
     delta with paired CI), side-by-side generations and the curves image."""
     labels = [m for m in ("base", "trained") if m in report["metrics"]]
+    shown = {**{m: m for m in ("base", "trained")}, **(report.get("labels") or {})}  # display names
     metrics, deltas = report["metrics"], report.get("delta_details", {})
     s = report["settings"]
     lines = [f"# Evaluation: {report['run_name']}", ""]
@@ -170,17 +171,23 @@ def render_markdown(report: dict[str, Any]) -> str:
             continue
         fp = (m.get("fingerprint") or {}).get("weights_sha256") or ((m.get("base") or {}).get("fingerprint") or {}).get("weights_sha256")
         rev = m.get("commit") or m.get("revision")
+        name = f"`{m['name_or_path']}`"
+        if (m.get("origin") or {}).get("description"):
+            name = f"{m['origin']['description']}, converted in {name}"
         lines.append(
-            f"| {role} | `{m['name_or_path']}` | {m['kind']} | {rev or '–'} | {fp[:12] if fp else '–'} | "
+            f"| {shown[role]} | {name} | {m['kind']} | {rev or '–'} | {fp[:12] if fp else '–'} | "
             f"{_fmt(m.get('n_parameters'))} |"
         )
     lines.append("")
+    if report.get("skipped"):
+        lines += ["## Skipped", "", "Not measured in this evaluation:", ""]
+        lines += [f"- {x}" for x in report["skipped"]] + [""]
 
     def table(title: str, keys: list[str], note: str, extra=None) -> None:
         if not keys:
             return
         lines.extend([f"## {title}", "", note, ""])
-        head = "| metric | " + " | ".join(labels) + (" | Δ trained − base | |" if len(labels) == 2 else " |")
+        head = "| metric | " + " | ".join(shown[m] for m in labels) + (" | Δ trained − base | |" if len(labels) == 2 else " |")
         lines.append(head)
         lines.append("|---" * (1 + len(labels) + (2 if len(labels) == 2 else 0)) + "|")
         for k in keys:
@@ -210,10 +217,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         "Δ has a paired bootstrap CI.",
     )
     corpus = s.get("corpus") or {}
-    cnote = "chosen: exp(Σ NLL / Σ tokens) over the chosen completion tokens of the held-out pairs."
+    cnote = "chosen: exp(Σ NLL / Σ tokens) over the chosen completion tokens of the held-out pairs." if "perplexity/chosen" in ppl else ""
     if corpus:
-        cnote += (
-            f" corpus: `{corpus.get('path')}`, {corpus.get('tokens')} tokens (cap {corpus.get('max_tokens')}), "
+        cnote += (" " if cnote else "") + (
+            f"corpus: `{corpus.get('path')}`, {corpus.get('tokens')} tokens (cap {corpus.get('max_tokens')}), "
             f"sliding window {corpus.get('window')} / stride {corpus.get('stride')}."
         )
     table("Perplexity", ppl, cnote)
@@ -225,7 +232,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{s.get('lm_eval', {}).get('limit')} documents per task; value ± lm-eval stderr."
         )
         lines.append("")
-        head = "| task | metric | version | n-shot | n | source | " + " | ".join(labels)
+        head = "| task | metric | version | n-shot | n | source | " + " | ".join(shown[m] for m in labels)
         head += " | Δ | |" if len(labels) == 2 else " |"
         lines.append(head)
         lines.append("|---" * (6 + len(labels) + (2 if len(labels) == 2 else 0)) + "|")
@@ -245,7 +252,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if gens:
         lines.extend(["## Generations (greedy)", ""])
         cols = ["prompt"] + [m for m in ("base", "trained") if m in gens[0]]
-        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("| " + " | ".join(shown.get(c, c) for c in cols) + " |")
         lines.append("|---" * len(cols) + "|")
         for g in gens:
             lines.append("| " + " | ".join(_esc(str(g.get(c, ""))) for c in cols) + " |")

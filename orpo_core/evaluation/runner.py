@@ -92,6 +92,23 @@ def evaluate_model(
     return out
 
 
+def _unprepared_skips(ev, tokenized_dir: Path) -> list[str]:
+    """What an evaluation without the prepared run (``tokenized_dir``) cannot measure."""
+    out = []
+    if ev.preference or ev.perplexity:
+        out.append(
+            "held-out preference metrics (accuracy, margin, log-odds) and chosen perplexity: "
+            f"they need the tokenized held-out pairs in {tokenized_dir} (run `orpo prep RECIPE`)"
+        )
+    if not ev.prompts and ev.n_prompts > 0:
+        out.append(f"generations for {ev.n_prompts} held-out prompts: no prepared data and no eval.prompts")
+    if not ev.corpus and ev.perplexity:
+        out.append("corpus perplexity: eval.corpus is not set")
+    if not ev.tasks:
+        out.append("lm-eval tasks: eval.tasks is empty")
+    return out
+
+
 def run_evaluation(
     recipe,
     model_dir: str | Path,
@@ -99,6 +116,9 @@ def run_evaluation(
     out_dir: str | Path,
     base_model: str | Path | None = None,
     log_history: str | Path | list | None = None,
+    *,
+    allow_unprepared: bool = False,
+    model_label: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate the trained model (and the base model) and write the report.
 
@@ -120,6 +140,14 @@ def run_evaluation(
         base_model: base model path or Hub id (None: from the recipe).
         log_history: Trainer log history (list, or path to ``log_history.json``) for
             ``curves.png``.
+        allow_unprepared: when ``tokenized_dir`` (or its ``tokenizer/``) does not exist,
+            evaluate anyway with the model's own tokenizer and chat template
+            (:func:`.loading.load_model_tokenizer`), run only what needs no prepared data
+            (corpus perplexity, lm-eval tasks, fixed ``eval.prompts``) and list what was
+            skipped in ``skipped`` (eval.json, eval.md). False: a missing tokenizer is an error.
+        model_label: how eval.md names the evaluated model (``labels`` in eval.json), e.g.
+            ``model`` when it is evaluated alone and is not the run's trained model. The
+            eval.json keys stay ``trained`` / ``base``.
 
     Returns:
         The content of ``eval.json``: ``results`` (``{"trained"|"base": {metric: value}}``
@@ -143,10 +171,19 @@ def run_evaluation(
     trained_src = loading.validate_model_source(model_dir, role="trained model", must_be_local=True)
     tokenized_dir = Path(tokenized_dir)
     tok_dir = tokenized_dir / "tokenizer"
-    if not (tok_dir.is_dir() and (tok_dir / "tokenizer_config.json").is_file()):
-        raise EvalInputError(f"tokenizer folder {tok_dir} does not exist or has no tokenizer_config.json")
+    prepared = tok_dir.is_dir() and (tok_dir / "tokenizer_config.json").is_file()
+    skipped: list[str] = []
+    if not prepared and not allow_unprepared:
+        raise EvalInputError(
+            f"tokenizer folder {tok_dir} does not exist or has no tokenizer_config.json "
+            "(prepare the run with `orpo prep RECIPE`, or evaluate a model on its own with `orpo eval RECIPE --model PATH`)"
+        )
     test_path = tokenized_dir / "test.parquet"
     need_pairs = ev.preference or ev.perplexity or (not ev.prompts and ev.n_prompts > 0)
+    if not prepared:
+        tok_src = loading.model_tokenizer_source(trained_src)
+        skipped += _unprepared_skips(ev, tokenized_dir)
+        need_pairs = False
     pairs = load_pairs(test_path, ev.max_pairs) if need_pairs else []
     corpus_text = read_corpus(ev.corpus) if (ev.perplexity and ev.corpus) else None
     tasks = harness.resolve_tasks(list(ev.tasks), ev.tasks_dir) if ev.tasks else []
@@ -163,7 +200,12 @@ def run_evaluation(
     # ------------------------------------------------------------ shared inputs
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    if prepared:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    else:
+        tokenizer = loading.load_model_tokenizer(
+            tok_src, chat_template=mcfg.chat_template, trust_remote_code=mcfg.trust_remote_code
+        )
     corpus_ids = None
     if corpus_text is not None:
         corpus_ids = tokenize_corpus(tokenizer, corpus_text, ev.corpus_max_tokens)
@@ -269,7 +311,8 @@ def run_evaluation(
             "bootstrap_samples": ev.bootstrap_samples,
             "batch_size": ev.batch_size,
             "heldout_file": str(test_path.resolve()) if need_pairs else None,
-            "tokenizer_dir": str(tok_dir.resolve()),
+            "tokenizer_dir": str(tok_dir.resolve()) if prepared else tok_src.name_or_path,
+            "prepared": prepared,
             "n_pairs": len(pairs),
             "max_pairs": ev.max_pairs,
             "corpus": corpus_info,
@@ -281,6 +324,8 @@ def run_evaluation(
         "generations": generations,
         "timing_s": {label: r["timing_s"] for label, r in runs.items()},
         "notes": notes,
+        "skipped": skipped,
+        "labels": {"trained": model_label} if model_label and model_label != "trained" else {},
     }
     if gate_value is None and ev.gate_metric:
         notes.append(f"gate metric {ev.gate_metric!r} was not computed in this evaluation.")
