@@ -91,9 +91,16 @@ class BinarizeConfig(_Strict):
 
 
 class SyntheticConfig(_Strict):
-    """The project's own seeded, learnable preference set (offline default)."""
+    """The project's own seeded, learnable preference set (offline default).
 
-    task: Literal["arithmetic"] = "arithmetic"
+    ``arithmetic``: tiny tasks for the random-init smoke model (``orpo_core.synthetic``).
+    ``instructions``: prompts with IFEval-style verifiable constraints
+    (``orpo_core.instructions``); ``n_rows`` is split into ``round(n_rows * data.test_size)``
+    held-out rows, generated from (constraint combination, topic) keys that the
+    training rows never use, and the rest for training.
+    """
+
+    task: Literal["arithmetic", "instructions"] = "arithmetic"
     n_rows: int = Field(2000, gt=1)
     seed: int | None = None
 
