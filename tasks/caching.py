@@ -81,7 +81,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
 # orpo_core source files (globs relative to the package) whose code each stage runs;
 # the union errs on the side of re-running (a helper shared by two stages is in both).
 STAGE_CODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "prepare": (("__init__.py", "config.py", "synthetic.py", "data/**/*.py"), ("data/tokenize.py",)),
+    "prepare": (("__init__.py", "config.py", "synthetic.py", "instructions/**/*.py", "data/**/*.py"), ("data/tokenize.py",)),
     "tokenize": (("__init__.py", "config.py", "tiny.py", "model_sources.py", "chat.py", "data/**/*.py"), ()),
     "train": (("**/*.py",), ("evaluation/**", "hub.py", "model_card.py")),
     "evaluate": (("**/*.py", "lm_eval_tasks/**/*"), ("hub.py", "model_card.py")),

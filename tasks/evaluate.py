@@ -8,7 +8,15 @@ from typing import Any
 
 from prefect import task
 
-from .common import artifact_key, cached_task_options, json_safe, load_recipe_dict, stage_run, table_artifact
+from .common import (
+    artifact_key,
+    cached_task_options,
+    json_safe,
+    load_recipe_dict,
+    markdown_artifact,
+    stage_run,
+    table_artifact,
+)
 
 
 def eval_table_rows(eval_data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -31,6 +39,14 @@ def eval_table_rows(eval_data: dict[str, Any]) -> list[dict[str, Any]]:
             row["delta"] = m.value - b.value
         rows.append(row)
     return rows
+
+
+def instruction_artifact_markdown(eval_data: dict[str, Any]) -> str:
+    """The instruction-following section of eval.md (accuracies, paired delta, answers side by side)
+    for a markdown artifact; empty when the evaluation has none."""
+    from orpo_core.evaluation.report import instruction_markdown
+
+    return "\n".join(instruction_markdown(eval_data)).strip()
 
 
 @task(**cached_task_options("evaluate"), description="Preference metrics, perplexity and lm-eval tasks, base vs trained.")
@@ -88,4 +104,9 @@ def evaluate_task(
             "gate": {"metric": r.eval.gate_metric, "value": metric_value(data, r.eval.gate_metric)},
         }
     table_artifact(eval_table_rows(data), artifact_key(r.run_name, "eval-results"), f"Evaluation of {r.run_name}")
+    instructions_md = instruction_artifact_markdown(data)
+    if instructions_md:
+        markdown_artifact(
+            instructions_md, artifact_key(r.run_name, "eval-instructions"), f"Instruction following of {r.run_name}"
+        )
     return json_safe({**box["result"], "content_hash": box["content_hash"]})

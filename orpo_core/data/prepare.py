@@ -25,7 +25,9 @@ Order of operations (each drop is counted under its reason):
    ``weight / sum(weights)`` of the mix, whose size is the largest the sources
    can supply without repeating rows;
 6. split: a source with ``test_split`` takes its test rows from that split (all
-   its main-split rows go to train; test rows go through steps 1-3 only); other
+   its main-split rows go to train; test rows go through steps 1-3 only); so does
+   the ``instructions`` synthetic source, whose test rows are the generator's
+   held-out split (``round(n_rows * data.test_size)`` rows); other
    sources are split with ``data.test_size`` per source, grouped by prompt so the
    same prompt never lands in both train and test (seeded).
 
@@ -128,13 +130,32 @@ class SourceState:
 
 
 # --------------------------------------------------------------------------- reading
-def _synthetic_records(src: SourceConfig, seed: int) -> tuple[str, Iterator[tuple[RowRef, Any]]]:
-    from orpo_core.synthetic import generate_arithmetic
+def _own_test_split(src: SourceConfig) -> bool:
+    """True when the source supplies its own test rows (``test_split``, or the instruction generator's held-out split)."""
+    return src.test_split is not None or (src.synthetic is not None and src.synthetic.task == "instructions")
 
+
+def _synthetic_records(
+    src: SourceConfig, seed: int, which: str = "train", test_size: float = 0.0
+) -> tuple[str, Iterator[tuple[RowRef, Any]]]:
+    """Rows of a synthetic source. ``instructions``: ``which`` picks the generator's train or
+    held-out split; ``round(n_rows * test_size)`` rows are held out, the rest train."""
     cfg = src.synthetic
     assert cfg is not None
     name = f"synthetic:{cfg.task}"
-    rows = generate_arithmetic(cfg.n_rows, cfg.seed if cfg.seed is not None else seed)
+    seed = cfg.seed if cfg.seed is not None else seed
+    if cfg.task == "instructions":
+        from orpo_core.instructions.generator import generate_instructions
+
+        n_test = int(round(cfg.n_rows * test_size))
+        n = n_test if which == "test" else cfg.n_rows - n_test
+        rows = generate_instructions(n, seed, split="test" if which == "test" else "train")
+        if which == "test":
+            name += "/heldout"
+    else:
+        from orpo_core.synthetic import generate_arithmetic
+
+        rows = generate_arithmetic(cfg.n_rows, seed)
     return name, ((RowRef(name, i, "row"), r) for i, r in enumerate(rows))
 
 
@@ -151,6 +172,7 @@ def _normalize_synthetic(rec: dict[str, Any], ref: RowRef) -> list[dict[str, Any
                 "score_chosen": to_score(rec.get("score_chosen"), "score_chosen"),
                 "score_rejected": to_score(rec.get("score_rejected"), "score_rejected"),
                 "source": rec.get("source"),
+                "constraints": rec.get("constraints"),
             }
         ]
     except DataError as e:
@@ -182,9 +204,9 @@ def _read_split(recipe: Recipe, st: SourceState, idx: int, which: str, pairs: li
     )
 
     if src.synthetic is not None:
-        name, records = _synthetic_records(src, recipe.seed)
+        name, records = _synthetic_records(src, recipe.seed, which, data.test_size)
         st.format = "synthetic"
-        st.files = [name]
+        st.files.append(name)
         normalize = _normalize_synthetic
     else:
         raw: RawSource = open_source(src, which, data.cache_dir)
@@ -357,11 +379,11 @@ def prepare_dataset(recipe: Recipe, out_dir: str | os.PathLike) -> dict[str, Any
     pairs: list[Pair] = []
     for idx, st in enumerate(states):
         _read_split(recipe, st, idx, "train", pairs)
-        if st.src.test_split is not None:
-            if st.src.synthetic is not None:
-                raise DataError(
-                    "test_split is not supported for synthetic sources", file=st.label, reason="bad_config", fatal=True
-                )
+        if st.src.test_split is not None and st.src.synthetic is not None:
+            raise DataError(
+                "test_split is not supported for synthetic sources", file=st.label, reason="bad_config", fatal=True
+            )
+        if _own_test_split(st.src) and (st.src.synthetic is None or data.test_size > 0):
             _read_split(recipe, st, idx, "test", pairs)
 
     def drop(p: Pair, reason: str) -> None:
@@ -407,7 +429,7 @@ def prepare_dataset(recipe: Recipe, out_dir: str | os.PathLike) -> dict[str, Any
     train: list[Pair] = []
     test: list[Pair] = list(test_from_split)
     for i, st in enumerate(states):
-        if st.src.test_split is not None:
+        if _own_test_split(st.src):
             train.extend(per_source[i])
         else:
             tr, te = split_by_prompt(per_source[i], data.test_size, derived_seed(recipe.seed, "split", i))

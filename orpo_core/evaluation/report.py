@@ -28,6 +28,8 @@ DIRECTIONS = {
     "preference/logps_chosen": "max",
     "perplexity/chosen": "min",
     "perplexity/corpus": "min",
+    "ifeval/prompt_level_strict_acc": "max",
+    "ifeval/inst_level_strict_acc": "max",
 }
 
 
@@ -248,6 +250,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 row += [_fmt(dv), _better(k, dv, _direction(k, ref))]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    lines.extend(instruction_markdown(report))
     gens = report.get("generations") or []
     if gens:
         lines.extend(["## Generations (greedy)", ""])
@@ -262,6 +265,69 @@ def render_markdown(report: dict[str, Any]) -> str:
     for note in report.get("notes") or []:
         lines.append(f"> {note}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
+def instruction_markdown(report: dict[str, Any]) -> list[str]:
+    """The "Instruction following" section of ``eval.md`` (also the Prefect artifact):
+    prompt- and instruction-level strict accuracy per model with 95 % CIs, the paired
+    delta with its CI, accuracy per instruction id, and a few answers side by side with
+    pass/fail per constraint. Empty when the report has no instruction results."""
+    info = report.get("instructions")
+    if not info:
+        return []
+    metrics, deltas = report["metrics"], report.get("delta_details", {})
+    labels = [m for m in ("base", "trained") if m in metrics]
+    keys = [k for k in ("ifeval/prompt_level_strict_acc", "ifeval/inst_level_strict_acc") if any(k in metrics[m] for m in labels)]
+    s = report.get("settings", {})
+    lines = [
+        "## Instruction following (held-out verifiable constraints)",
+        "",
+        f"{info['n_prompts']} held-out prompts ({info.get('source')}); greedy answers, chat template, "
+        f"at most {info.get('max_new_tokens')} new tokens; checked by `orpo_core.instructions` with IFEval's "
+        "strict rules (prompt level: every instruction followed; instruction level: followed / all). "
+        f"[95% bootstrap CI over prompts, {s.get('bootstrap_samples')} resamples, seed {s.get('seed')}]; "
+        "Δ has a paired bootstrap CI (same prompts for both models).",
+        "",
+    ]
+    two = len(labels) == 2
+    lines.append("| metric | " + " | ".join(labels) + (" | Δ trained − base | |" if two else " |"))
+    lines.append("|---" * (1 + len(labels) + (2 if two else 0)) + "|")
+    for k in keys:
+        row = [f"`{k}`"] + [_cell(metrics[m].get(k)) for m in labels]
+        if two:
+            d = deltas.get(k)
+            row += [_cell(d), _better(k, (d or {}).get("value"), DIRECTIONS.get(k))]
+        lines.append("| " + " | ".join(row) + " |")
+    d = deltas.get("ifeval/prompt_level_strict_acc") or {}
+    if two and "wins" in d:
+        lines.extend(["", f"Prompts followed fully by the trained model only: {d['wins']}; by the base model only: {d['losses']}."])
+    per = info.get("per_instruction") or {}
+    if per:
+        lines.extend(["", "| instruction | prompts | " + " | ".join(m for m in labels if m in per) + " |"])
+        lines.append("|---|---" + "|---" * sum(m in per for m in labels) + "|")
+        for cid, n in (info.get("constraints") or {}).items():
+            lines.append(f"| `{cid}` | {n} | " + " | ".join(_fmt(per[m].get(cid), 3) for m in labels if m in per) + " |")
+    examples = info.get("examples") or []
+    if examples:
+        lines.extend(["", "### Answers side by side", ""])
+        for i, ex in enumerate(examples, 1):
+            shown = [m for m in labels if m in ex]
+            lines.append(f"**{i}.** {_esc(ex['prompt'])}")
+            lines.append("")
+            lines.append("| | " + " | ".join(shown) + " |")
+            lines.append("|---" * (1 + len(shown)) + "|")
+            lines.append("| answer | " + " | ".join(_esc(ex[m]["answer"]) for m in shown) + " |")
+            for j, c in enumerate(ex["constraints"]):
+                kw = ", ".join(f"{k}={v!r}" for k, v in c.get("kwargs", {}).items())
+                name = f"`{c['id']}`" + (f" ({_esc(kw)})" if kw else "")
+                lines.append(f"| {name} | " + " | ".join(_mark(ex[m]["follow"][j]) for m in shown) + " |")
+            lines.append("")
+    lines.append("")
+    return lines
 
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike, history: list[dict[str, Any]]) -> dict[str, str]:

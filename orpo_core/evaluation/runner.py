@@ -11,6 +11,15 @@ from typing import Any
 from . import harness, loading
 from .errors import EvalInputError
 from .generation import build_prompts, generate_answers
+from .instruction_following import (
+    answer_and_score,
+    constraints_summary,
+    heldout_prompts,
+    instruction_metrics,
+    paired_instruction_deltas,
+    per_instruction_accuracy,
+    side_by_side,
+)
 from .perplexity import corpus_perplexity, read_corpus, tokenize_corpus
 from .preference import PairScores, load_pairs, paired_deltas, preference_metrics, score_pairs
 from .report import load_log_history, write_report
@@ -35,15 +44,19 @@ def evaluate_model(
     tasks: list[harness.ResolvedTask],
     prompts,
     include_dir: str | None,
+    instructions=None,
 ) -> dict[str, Any]:
     """All metrics of one loaded model.
 
     Returns:
         ``{"metrics": {key: detail}, "scores": PairScores | None, "answers": [...],
-        "lm_eval": {...} , "corpus": {...} | None, "timing_s": {...}}``.
+        "lm_eval": {...} , "corpus": {...} | None, "instructions": FollowResult | None,
+        "timing_s": {...}}``.
     """
     ev = recipe.eval
-    out: dict[str, Any] = {"metrics": {}, "scores": None, "answers": [], "lm_eval": None, "corpus": None, "timing_s": {}}
+    out: dict[str, Any] = {
+        "metrics": {}, "scores": None, "answers": [], "lm_eval": None, "corpus": None, "instructions": None, "timing_s": {}
+    }
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if pairs and (ev.preference or ev.perplexity):
         t0 = time.perf_counter()
@@ -81,6 +94,8 @@ def evaluate_model(
             bootstrap_iters=ev.bootstrap_samples,
             seed=recipe.seed,
             include_dir=include_dir,
+            max_gen_toks=ev.lm_eval_max_gen_toks,
+            apply_chat_template=ev.lm_eval_chat_template,
         )
         out["lm_eval"] = res
         out["metrics"].update(res["metrics"])
@@ -89,6 +104,12 @@ def evaluate_model(
         t0 = time.perf_counter()
         out["answers"] = generate_answers(model, tokenizer, prompts, max_new_tokens=ev.max_new_tokens)
         out["timing_s"]["generation"] = time.perf_counter() - t0
+    if instructions:
+        t0 = time.perf_counter()
+        res = answer_and_score(model, tokenizer, instructions, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
+        out["instructions"] = res
+        out["metrics"].update(instruction_metrics(res, bootstrap_samples=ev.bootstrap_samples, seed=recipe.seed))
+        out["timing_s"]["instructions"] = time.perf_counter() - t0
     return out
 
 
@@ -188,6 +209,11 @@ def run_evaluation(
     corpus_text = read_corpus(ev.corpus) if (ev.perplexity and ev.corpus) else None
     tasks = harness.resolve_tasks(list(ev.tasks), ev.tasks_dir) if ev.tasks else []
     history = load_log_history(log_history)
+    instr_prompts, instr_source = (
+        heldout_prompts(recipe, tokenized_dir.parent / "data" / "test.parquet", ev.max_instructions)
+        if ev.instructions
+        else ([], None)
+    )
     base_src = None
     if ev.compare_base:
         if base_model is None:
@@ -213,6 +239,10 @@ def run_evaluation(
             raise EvalInputError(f"corpus file {ev.corpus} has fewer than 2 tokens")
     prompts = build_prompts(tokenizer, list(ev.prompts), [p.prompt for p in pairs], ev.n_prompts)
     notes: list[str] = []
+    if ev.instructions and not instr_prompts and any(
+        s.synthetic is not None and s.synthetic.task == "instructions" for s in recipe.data.sources
+    ):
+        notes.append("no held-out instruction prompts with constraints were found: instruction following was skipped.")
     if need_pairs and not pairs:
         notes.append(f"{test_path} has no rows: held-out preference metrics and chosen perplexity were skipped.")
 
@@ -245,6 +275,7 @@ def run_evaluation(
                 tasks=tasks,
                 prompts=prompts,
                 include_dir=str(Path(include_dir) / label),
+                instructions=instr_prompts,
             )
             runs[label]["timing_s"]["load"] = load_s
             del model
@@ -268,6 +299,28 @@ def run_evaluation(
             for k, v in paired.items():
                 if k in delta_details:
                     delta_details[k] = v
+        ti, bi = runs["trained"].get("instructions"), runs["base"].get("instructions")
+        if ti is not None and bi is not None:
+            paired_if = paired_instruction_deltas(ti, bi, bootstrap_samples=ev.bootstrap_samples, seed=recipe.seed)
+            for k, v in paired_if.items():
+                if k in delta_details:
+                    delta_details[k] = v
+    instructions_info = None
+    follow = {label: r["instructions"] for label, r in runs.items() if r.get("instructions") is not None}
+    if follow:
+        instructions_info = {
+            "source": instr_source,
+            "n_prompts": len(instr_prompts),
+            "max_prompts": ev.max_instructions,
+            "max_new_tokens": ev.max_new_tokens,
+            "constraints": constraints_summary(instr_prompts),
+            "per_instruction": {label: per_instruction_accuracy(instr_prompts, f) for label, f in follow.items()},
+            "examples": side_by_side(instr_prompts, follow, ev.instruction_examples),
+            "per_prompt": {
+                label: [{"origin": p.origin, "follow": fl} for p, fl in zip(instr_prompts, f.follow)]
+                for label, f in follow.items()
+            },
+        }
     generations = []
     for i, p in enumerate(prompts):
         g = {"prompt": p.text, "source": p.source}
@@ -316,11 +369,18 @@ def run_evaluation(
             "n_pairs": len(pairs),
             "max_pairs": ev.max_pairs,
             "corpus": corpus_info,
-            "lm_eval": {"tasks": list(ev.tasks), "limit": ev.limit, "tasks_dir": ev.tasks_dir},
+            "lm_eval": {
+                "tasks": list(ev.tasks),
+                "limit": ev.limit,
+                "tasks_dir": ev.tasks_dir,
+                "max_gen_toks": ev.lm_eval_max_gen_toks,
+                "chat_template": ev.lm_eval_chat_template,
+            },
             "max_new_tokens": ev.max_new_tokens,
             "eval_section_hash": recipe.section_hash("eval"),
         },
         "lm_eval": lm_info,
+        "instructions": instructions_info,
         "generations": generations,
         "timing_s": {label: r["timing_s"] for label, r in runs.items()},
         "notes": notes,
