@@ -58,7 +58,8 @@ Measurements
   worker at exit (``rss_above_imports``: the same minus the RSS right after the imports, which both
   trainers share) (our worker also saves the final model, as ``run_training`` does; TRL's does not);
   ``train peak`` is ``ru_maxrss`` at ``on_train_end``; the per-stage RSS timeline is in the JSON.
-* **peak above the training state**: peak RSS minus the RSS right after the first optimizer step
+* **peak above the training state**: training peak RSS (``ru_maxrss`` at ``on_train_end``, so our
+  worker's final save is not counted) minus the RSS right after the first optimizer step
   (``on_step_end`` of step 1, before the next forward, after glibc's ``malloc_trim(0)`` so that
   activations freed but kept by the allocator are not counted as state), when weights, gradients,
   AdamW states and imports all exist: the memory that grows with batch and length, which both trainers would
@@ -759,7 +760,8 @@ def analyse_run(res: dict[str, Any], spec: dict[str, Any], shape: dict[str, int]
         # grows with batch and length (CUDA: the same with max_memory_allocated / memory_allocated)
         "state": res["state"],
         "state_rss_mib": res["state"]["rss"],
-        "rss_above_state_mib": res["peak_rss_mib"] - res["state"]["rss"],
+        # training peak (ru_maxrss at on_train_end): our worker's final save, which TRL's does not do, is excluded
+        "rss_above_state_mib": res["rss"].get("train_end", {}).get("max", res["peak_rss_mib"]) - res["state"]["rss"],
         "cuda_above_state_mib": (res["peak_cuda_mib"] - res["state"]["cuda"])
         if res.get("peak_cuda_mib") is not None and res["state"].get("cuda") is not None else None,
         "train_peak_rss_mib": res["rss"].get("train_end", {}).get("max"),
