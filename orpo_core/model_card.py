@@ -233,9 +233,10 @@ def base_model_origin(recipe: Recipe) -> dict[str, Any] | None:
     ``gguf_file``): :func:`orpo_core.model_sources.source_origin`; None otherwise."""
     from .model_sources import source_origin
 
-    if recipe.model is None or recipe.model.is_tiny or _is_hub_id(recipe.model.name_or_path) and not recipe.model.gguf_file:
+    m = recipe.model
+    if m is None or m.is_tiny or (_is_hub_id(m.name_or_path) and not m.gguf_file):
         return None
-    return source_origin(recipe.model)
+    return source_origin(m)
 
 
 def base_model_id(recipe: Recipe) -> str | None:

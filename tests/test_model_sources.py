@@ -240,6 +240,18 @@ def test_packaged_name_without_package(monkeypatch, tmp_path):
         resolve_model_source(ModelConfig(name_or_path="SmolLM2-135M-Instruct"), tmp_path)
 
 
+def test_model_card_names_the_gguf_origin(tiny_gguf, cache, tmp_path):
+    from orpo_core.model_card import render_model_card
+
+    recipe = Recipe.model_validate(
+        {"run_name": "g", "model": {"name_or_path": str(tiny_gguf)}, "data": {"sources": [{"synthetic": {}}]}}
+    )
+    card = render_model_card(recipe)  # from the GGUF header: no conversion needed
+    assert "base_model: orpo-tests/tiny-llama" in card
+    assert f"from the GGUF `{tiny_gguf.name}`" in card and "quantization Q8_0 dequantized to float32" in card
+    assert not (cache / "models").exists()
+
+
 def test_gguf_origin_reads_header_only(tiny_gguf):
     o = gguf_origin(tiny_gguf)
     assert o["architecture"] == "llama" and o["general"]["name"] == "Tiny Test Llama"
