@@ -281,3 +281,16 @@ def test_lm_eval_ifeval_runs_offline(tiny_model_dir, shared_data, monkeypatch, t
         v = m[f"lm_eval/ifeval/{key}"]
         assert v["n"] == 3 and v["version"] == 4.0 and 0.0 <= v["value"] <= 1.0
     assert res["tasks"]["ifeval"]["lm_eval_task"] == "orpo_local_ifeval"
+
+
+def test_prefect_artifact_markdown_is_the_report_section():
+    from tasks.evaluate import instruction_artifact_markdown
+
+    assert instruction_artifact_markdown({"metrics": {}, "instructions": None}) == ""
+    report = {
+        "settings": {"bootstrap_samples": 10, "seed": 0},
+        "metrics": {"trained": {PROMPT_LEVEL: {"value": 0.5, "n": 2, "ci95": [0.0, 1.0]}}},
+        "instructions": {"n_prompts": 2, "source": "x", "max_new_tokens": 8, "examples": []},
+    }
+    md = instruction_artifact_markdown(report)
+    assert md.startswith("## Instruction following") and "| `ifeval/prompt_level_strict_acc` | 0.5000 [0.000, 1.000] |" in md

@@ -149,8 +149,12 @@ def run_evaluation(
     with :func:`orpo_core.tiny.resolve_model_path`, embeddings resized to the
     tokenizer): held-out preference metrics and chosen perplexity
     (:mod:`.preference`), corpus perplexity (:mod:`.perplexity`, when ``eval.corpus``),
-    lm-eval tasks (:mod:`.harness`, when ``eval.tasks``) and greedy answers to a few
-    prompts (:mod:`.generation`). Models are loaded one at a time and freed.
+    lm-eval tasks (:mod:`.harness`, when ``eval.tasks``), greedy answers to a few
+    prompts (:mod:`.generation`) and, when ``eval.instructions``, instruction following
+    on the held-out prompts with verifiable constraints (:mod:`.instruction_following`;
+    the rows with ``constraints`` of ``tokenized_dir/../data/test.parquet``, or the
+    recipe's regenerated ``instructions`` held-out split when that file does not exist).
+    Models are loaded one at a time and freed.
 
     Args:
         recipe: the :class:`orpo_core.config.Recipe` (sections ``model``, ``data``,
@@ -173,11 +177,14 @@ def run_evaluation(
     Returns:
         The content of ``eval.json``: ``results`` (``{"trained"|"base": {metric: value}}``
         with keys ``preference/accuracy``, ``preference/margin``, ``preference/log_odds``,
-        ``perplexity/chosen``, ``perplexity/corpus``, ``lm_eval/<task>/<metric>``),
+        ``perplexity/chosen``, ``perplexity/corpus``, ``lm_eval/<task>/<metric>``,
+        ``ifeval/prompt_level_strict_acc``, ``ifeval/inst_level_strict_acc``),
         ``deltas`` (trained − base), ``metrics`` (each value with ``n`` and ``ci95`` or
         lm-eval ``stderr``/version/n-shot), ``delta_details`` (paired bootstrap CIs),
         ``models`` (path, kind, revision, weight/config sha256), ``settings``,
         ``lm_eval`` (task versions, n-shot, higher_is_better, data files),
+        ``instructions`` (source, prompt count, constraint counts, accuracy per
+        instruction, per-prompt verdicts, answers side by side; None when not run),
         ``generations``, ``timing_s``, ``files``.
 
     Raises:
