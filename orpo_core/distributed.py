@@ -32,8 +32,10 @@ environment gets ``ACCELERATE_USE_CPU=1`` (accelerate's multi-GPU launcher with 
 processes; ``--cpu`` alone would start one process). Resuming works as in-process:
 each rank calls ``run_training(resume=…)``, which restores the latest complete checkpoint.
 
-Running the module (``python -m orpo_core.distributed``) is the per-rank entry point.
-This module does not import Prefect.
+Running the module (``python -m orpo_core.distributed --recipe …``) is the per-rank entry
+point; ``python -m orpo_core.distributed launch RECIPE`` runs :func:`train_distributed` for
+this machine without Prefect (each machine of a multi-node job runs it with its own
+``train.distributed.machine_rank``). This module does not import Prefect.
 """
 
 from __future__ import annotations
@@ -476,12 +478,15 @@ def train_distributed(
     out = Path(out_dir)
     launch_dir = out / LAUNCH_DIR
     err_dir = launch_dir / ERRORS_DIR
-    shutil.rmtree(err_dir, ignore_errors=True)
+    if recipe.train.distributed.machine_rank == 0:
+        shutil.rmtree(err_dir, ignore_errors=True)
+        (out / "metrics.json").unlink(missing_ok=True)
     launch_dir.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)
-    recipe_json = launch_dir / RECIPE_NAME
+    # several machines may share this folder: one config per machine rank
+    tag = "" if recipe.train.distributed.num_machines == 1 else f".machine{recipe.train.distributed.machine_rank}"
+    recipe_json = launch_dir / RECIPE_NAME.replace(".json", f"{tag}.json")
     _atomic_write(recipe_json, json.dumps(recipe.to_dict(), indent=2))
-    cfg_file = write_accelerate_config(recipe, launch_dir / CONFIG_NAME, gpus)
+    cfg_file = write_accelerate_config(recipe, launch_dir / CONFIG_NAME.replace(".yaml", f"{tag}.yaml"), gpus)
     info = describe(recipe.train.distributed, gpus)
     with tempfile.TemporaryDirectory(prefix="orpo-launch-") as log_dir:
         cmd = launch_command(cfg_file, recipe_json, Path(tokenized_dir).resolve(), out.resolve(), resume, log_dir)
@@ -563,6 +568,39 @@ def _write_rank_error(exc: BaseException) -> None:
         pass
 
 
+def launch_main(argv: list[str]) -> int:
+    """``python -m orpo_core.distributed launch RECIPE [--set k=v …] [--tokenized DIR] [--out DIR] [--no-resume]``:
+    :func:`train_distributed` for this machine outside Prefect (e.g. each pod of a multi-node
+    Kubernetes Job, ``deploy/k8s-multinode-indexed-job.json``). Defaults: ``<output_dir>/tokenized``
+    and ``<output_dir>/train``, as ``orpo train``. Exit codes: 0 done, 1 a rank failed, 2 bad recipe."""
+    from .config import RecipeError, load_recipe
+
+    ap = argparse.ArgumentParser(prog="python -m orpo_core.distributed launch")
+    ap.add_argument("recipe")
+    ap.add_argument("--set", "-s", dest="overrides", action="append", default=[], help="section.key=value (repeatable)")
+    ap.add_argument("--tokenized", default=None)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--no-resume", dest="resume", action="store_false", default=True)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    try:
+        recipe = load_recipe(a.recipe, a.overrides)
+        recipe.require_model()
+        tokenized = Path(a.tokenized) if a.tokenized else recipe.out_dir / "tokenized"
+        out = Path(a.out) if a.out else recipe.out_dir / "train"
+        if not uses_launcher(recipe.train.distributed):
+            raise RecipeError("train.distributed asks for one process on one machine: use `orpo train`")
+        metrics = train_distributed(recipe, tokenized, out, resume=a.resume)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RankFailedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: metrics.get(k) for k in ("global_step", "resumed_from", "distributed")}, default=str))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Per-rank entry point (started by ``accelerate launch``): train with ``run_training``.
 
@@ -591,4 +629,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["launch"]:
+        sys.exit(launch_main(sys.argv[2:]))
     sys.exit(main())

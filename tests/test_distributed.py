@@ -259,3 +259,86 @@ def test_rank_error_fails_with_that_ranks_traceback(tmp_path):
     assert e.value.rank in (0, 1) and e.value.error_type == "TrainInputError" and "train.parquet" in msg
     assert "Traceback (most recent call last)" in msg and "orpo_core/distributed.py" in msg
     assert any(m.startswith("rank 0 |") for m in lines) and any(m.startswith("rank 1 |") for m in lines)
+
+
+# --------------------------------------------------------------------------- deploy/ examples
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_multi_gpu_process_pool_example_is_deployable_and_its_recipes_launch(tmp_path):
+    from prefect.cli.deploy._config import _load_deploy_configs_and_actions
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import validate
+    from rich.console import Console
+
+    from orpo_core.config import load_recipe
+    from orpo_core.distributed import accelerate_config, write_accelerate_config
+
+    path = ROOT / "deploy" / "multi-gpu-process-pool.yaml"
+    console = Console(record=True, width=200)
+    configs, _ = _load_deploy_configs_and_actions(path, console=console)
+    assert console.export_text().strip() == "" and len(configs) == 4
+    raw = yaml.safe_load(path.read_text())
+    names = {f"{'orpo-pipeline' if 'pipeline.py' in d['entrypoint'] else 'orpo-ablation-sweep'}/{d['name']}" for d in raw["deployments"]}
+    strategies = set()
+    for d in raw["deployments"]:
+        file, fn = d["entrypoint"].split(":")
+        schema = parameter_schema(load_flow_from_entrypoint(f"{ROOT / file}:{fn}")).model_dump_for_openapi()
+        assert not validate(d["parameters"], schema, raise_on_error=False), d["name"]
+        r = load_recipe(ROOT / d["parameters"]["recipe"], d["parameters"]["overrides"])
+        assert r.train.distributed.num_processes == "auto"
+        if "grid" in d["parameters"]:
+            assert d["parameters"]["fan_out"] is True and d["parameters"]["pipeline_deployment"] in names
+            continue
+        assert "concurrency_limit" not in d  # would serialise the fan-out (exclusivity: worker --limit 1)
+        strategies.add(r.train.distributed.strategy)
+        cfg = write_accelerate_config(r, tmp_path / f"{d['name']}.yaml", gpus=8)
+        args = _launch_args(cfg)
+        assert args.num_processes == 8
+        assert (args.use_fsdp, args.use_deepspeed) == (r.train.distributed.strategy == "fsdp", r.train.distributed.strategy == "deepspeed")
+        # effective batch of the SmolLM3 exercise: 8 GPUs x 2 pairs x 1 accumulation step = 16
+        assert 8 * r.train.per_device_train_batch_size * r.train.gradient_accumulation_steps == 16
+        assert accelerate_config(r, gpus=8)["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+    assert strategies == {"ddp", "fsdp", "deepspeed"}
+
+
+def test_k8s_multinode_job_gives_each_pod_its_machine_rank_and_one_rendezvous(tmp_path):
+    import shlex
+
+    from orpo_core.config import load_recipe
+    from orpo_core.distributed import write_accelerate_config
+
+    doc = json.loads((ROOT / "deploy" / "k8s-multinode-indexed-job.json").read_text())
+    svc = next(i for i in doc["items"] if i["kind"] == "Service")
+    job = next(i for i in doc["items"] if i["kind"] == "Job")
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    assert pod["subdomain"] == svc["metadata"]["name"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert int(env["NUM_MACHINES"]) == spec["completions"]
+    gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
+    port = svc["spec"]["ports"][0]["port"]
+    for index in range(spec["completions"]):
+        cmd = container["args"][0]
+        for k, v in {**env, "JOB_COMPLETION_INDEX": str(index)}.items():
+            cmd = cmd.replace(f'"${k}"', shlex.quote(v))
+        argv = shlex.split(cmd)
+        assert argv[:5] == ["exec", "python", "-m", "orpo_core.distributed", "launch"]
+        overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        r = load_recipe(ROOT / argv[5], overrides)
+        d = r.train.distributed
+        # pod 0 of the indexed Job is <job>-0.<service> in the cluster DNS: the rendezvous host
+        assert d.main_process_ip == f"{job['metadata']['name']}-0.{svc['metadata']['name']}" and d.main_process_port == port
+        args = _launch_args(write_accelerate_config(r, tmp_path / f"m{index}.yaml", gpus=gpus))
+        assert args.num_machines == spec["completions"] and args.machine_rank == index
+        assert args.num_processes == gpus * spec["completions"] and args.use_fsdp
+        if index > 0:  # (machine 0 would check that the port is free here)
+            from accelerate.utils.launch import prepare_multi_gpu_env
+
+            prepare_multi_gpu_env(args)
+            assert args.nproc_per_node == str(gpus) and args.rdzv_endpoint == f"{d.main_process_ip}:{port}"
