@@ -222,6 +222,10 @@ def accelerate_config(recipe: Recipe, gpus: int | None = None) -> dict[str, Any]
             f"train.distributed.strategy {cfg.strategy} needs CUDA GPUs (accelerate runs CPU processes as plain DDP); "
             "use strategy ddp on a CPU-only host"
         )
+    if cfg.strategy == "deepspeed" and cfg.deepspeed.zero_stage == 3 and recipe.orpo.fused_loss and not cfg.deepspeed.config_file:
+        # the fused loss reads the lm-head weight outside the model's forward; ZeRO-3 has released it there
+        raise RecipeError("train.distributed.deepspeed.zero_stage 3 needs orpo.fused_loss: false "
+                          "(ZeRO-3 partitions the lm-head weight the fused loss reads outside the forward)")
     dtype = {"ddp": DistributedType.MULTI_GPU, "fsdp": DistributedType.FSDP, "deepspeed": DistributedType.DEEPSPEED}[cfg.strategy]
     port = cfg.main_process_port
     if port is None:

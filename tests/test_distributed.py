@@ -114,6 +114,44 @@ def test_fsdp_config_is_what_accelerate_launch_reads(tmp_path):
     assert args.rdzv_endpoint == "10.0.0.5:29500" and args.rdzv_backend == "static"
 
 
+def test_zero3_requires_unfused_loss(tmp_path):
+    from orpo_core.config import RecipeError
+    from orpo_core.distributed import accelerate_config
+
+    r = _recipe(tmp_path, {"num_processes": 8, "strategy": "deepspeed", "deepspeed": {"zero_stage": 3}})
+    with pytest.raises(RecipeError, match="orpo.fused_loss: false"):
+        accelerate_config(r, gpus=8)
+    r.orpo.fused_loss = False
+    assert accelerate_config(r, gpus=8)["deepspeed_config"]["zero_stage"] == 3
+    r2 = _recipe(tmp_path, {"num_processes": 8, "strategy": "deepspeed", "deepspeed": {"zero_stage": 2}})
+    assert accelerate_config(r2, gpus=8)["deepspeed_config"]["zero_stage"] == 2
+
+
+def test_fsdp_and_deepspeed_checkpoints_count_as_complete(tmp_path):
+    """Checkpoint layouts of Trainer under FSDP and DeepSpeed are resumable (a plain-DDP-only
+    completeness check would delete them as 'incomplete' on resume)."""
+    from orpo_core.train import latest_checkpoint
+
+    def ckpt(name, files, dirs=()):
+        c = tmp_path / name
+        c.mkdir(parents=True)
+        for f in ("trainer_state.json", "rng_state_0.pth", *files):
+            (c / f).write_text("x")
+        for d in dirs:
+            (c / d).mkdir()
+            (c / d / "part").write_text("x")
+        return c
+
+    ckpt("full/checkpoint-2", ["pytorch_model_fsdp.bin", "optimizer.bin", "scheduler.pt"])
+    assert latest_checkpoint(tmp_path / "full").endswith("checkpoint-2")
+    ckpt("sharded/checkpoint-4", ["scheduler.pt"], ["pytorch_model_fsdp_0", "optimizer_0"])
+    assert latest_checkpoint(tmp_path / "sharded").endswith("checkpoint-4")
+    ckpt("ds/checkpoint-6", ["latest", "model.safetensors"], ["global_step6"])
+    assert latest_checkpoint(tmp_path / "ds").endswith("checkpoint-6")
+    ckpt("cut/checkpoint-8", ["pytorch_model_fsdp.bin", "scheduler.pt"])  # optimizer never written
+    assert latest_checkpoint(tmp_path / "cut") is None
+
+
 def test_fsdp_and_deepspeed_refused_on_cpu(tmp_path):
     from orpo_core.config import RecipeError
     from orpo_core.distributed import accelerate_config
@@ -164,6 +202,7 @@ def test_deepspeed_config_passes_deepspeeds_own_schema(tmp_path, monkeypatch):
          "deepspeed": {"zero_stage": 3, "offload_optimizer_device": "cpu", "offload_param_device": "cpu"}},
         gradient_accumulation_steps=2,
     )
+    r.orpo.fused_loss = False  # ZeRO-3 needs the unfused loss (see test_zero3_requires_unfused_loss)
     cfg, world = _deepspeed_effective_config(tmp_path, r, monkeypatch)
 
     class MPU:  # DeepSpeed asks the data-parallel size of the process group this config would run in
