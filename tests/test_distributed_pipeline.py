@@ -104,6 +104,14 @@ def test_pipeline_with_two_gloo_processes_matches_one_process(tmp_path, prefect_
         steps = [m for m in messages if m.startswith(f"rank {rank} | ") and "orpo_core.distributed: step 4/4" in m]
         assert steps, f"no step line of rank {rank} in the run log"
     assert any(m.startswith("launching ddp training: 2 process(es)") for m in messages)
+    # rank 0's Trainer events reach the task's progress callback: its log lines and the progress artifact
+    assert any(m.startswith("step 4/4 ") and '"loss"' in m for m in messages)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["smoke-ddp-training-progress"])))
+    assert arts and arts[0].data == 100.0
 
     # one model, written once and completely
     train = out / "train"
