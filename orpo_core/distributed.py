@@ -357,6 +357,17 @@ def _log(line_logger: Any, level: int, msg: str) -> None:
         line_logger(level, msg)
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    """Linux: SIGTERM the launcher when the process that started it dies (a killed flow-run
+    process must not leave training processes behind; torchrun passes SIGTERM to its ranks)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _kill_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
     if proc.poll() is not None:
         return
@@ -380,7 +391,8 @@ def stream_launch(
     callbacks: Iterable[Any] = (),
     cwd: str | Path | None = None,
 ) -> tuple[int, dict[int | None, collections.deque]]:
-    """Run ``cmd`` (in its own process group), stream its merged stdout/stderr.
+    """Run ``cmd`` (in its own process group, terminated when this process dies), stream its
+    merged stdout/stderr.
 
     Each line ``[rank<k>]:text`` goes to ``line_logger`` as ``rank k | text``, other lines as
     ``launcher | text``; a leading level name (``WARNING``, ``ERROR`` …) picks the log level.
@@ -401,6 +413,7 @@ def stream_launch(
     proc = subprocess.Popen(
         cmd, env=env, cwd=str(cwd) if cwd else None, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, bufsize=1, errors="replace", start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     )
     try:
         assert proc.stdout is not None
