@@ -222,6 +222,9 @@ def accelerate_config(recipe: Recipe, gpus: int | None = None) -> dict[str, Any]
             f"train.distributed.strategy {cfg.strategy} needs CUDA GPUs (accelerate runs CPU processes as plain DDP); "
             "use strategy ddp on a CPU-only host"
         )
+    if gpus > 0 and n // cfg.num_machines > gpus:
+        raise RecipeError(f"train.distributed.num_processes {cfg.num_processes}: {n // cfg.num_machines} processes per machine "
+                          f"but this machine has {gpus} visible GPU(s)")
     if cfg.strategy == "deepspeed" and cfg.deepspeed.zero_stage == 3 and recipe.orpo.fused_loss and not cfg.deepspeed.config_file:
         # the fused loss reads the lm-head weight outside the model's forward; ZeRO-3 has released it there
         raise RecipeError("train.distributed.deepspeed.zero_stage 3 needs orpo.fused_loss: false "

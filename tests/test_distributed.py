@@ -152,6 +152,17 @@ def test_fsdp_and_deepspeed_checkpoints_count_as_complete(tmp_path):
     assert latest_checkpoint(tmp_path / "cut") is None
 
 
+def test_more_processes_than_gpus_refused(tmp_path):
+    from orpo_core.config import RecipeError
+    from orpo_core.distributed import accelerate_config
+
+    r = _recipe(tmp_path, {"num_processes": 4})
+    with pytest.raises(RecipeError, match="4 processes per machine but this machine has 2 visible GPU"):
+        accelerate_config(r, gpus=2)
+    assert accelerate_config(r, gpus=4)["num_processes"] == 4
+    assert accelerate_config(r, gpus=0)["num_processes"] == 4  # CPU: gloo processes, any number
+
+
 def test_fsdp_and_deepspeed_refused_on_cpu(tmp_path):
     from orpo_core.config import RecipeError
     from orpo_core.distributed import accelerate_config
