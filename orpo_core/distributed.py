@@ -153,7 +153,8 @@ def _fsdp_dict(recipe: Recipe) -> dict[str, Any]:
         "fsdp_auto_wrap_policy": f.auto_wrap_policy,
         "fsdp_state_dict_type": f.state_dict_type,
         "fsdp_cpu_ram_efficient_loading": False,
-        "fsdp_sync_module_states": False,  # every rank loads the same weights from disk; True needs a GPU in accelerate 1.15
+        # every rank loads the full weights itself (no rank-0-only loading), so nothing needs broadcasting
+        "fsdp_sync_module_states": False,
         "fsdp_activation_checkpointing": f.activation_checkpointing,
     }
     if f.version == 1:
@@ -488,7 +489,8 @@ def train_distributed(
     Same arguments and result as :func:`orpo_core.train.run_training`, plus ``line_logger``
     (where each output line goes, default this module's logger) and ``gpus`` (visible GPUs,
     default: ask torch). The result is rank 0's ``metrics.json`` plus ``distributed``
-    (:func:`describe`).
+    (:func:`describe`), which is also written into ``metrics.json``. On a machine with
+    ``machine_rank > 0`` only ``{"distributed", "machine_rank"}`` (machine 0 writes the files).
 
     Raises:
         RankInputError: a rank failed on bad input (not worth a retry).
@@ -526,6 +528,7 @@ def train_distributed(
                               returncode=rc, traceback_tail="\n".join(tails.get(0, [])))
     metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
     metrics["distributed"] = info
+    _atomic_write(metrics_file, json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -119,7 +119,7 @@ def test_pipeline_with_two_gloo_processes_matches_one_process(tmp_path, prefect_
     assert not [p for p in train.rglob("*") if ".tmp" in p.name]
     assert not (train / "launch" / "errors").exists() or not any((train / "launch" / "errors").iterdir())
     metrics = json.loads((train / "metrics.json").read_text())
-    assert metrics["global_step"] == 4
+    assert metrics["global_step"] == 4 and metrics["distributed"]["strategy"] == "ddp"
     assert result["train_metrics"]["distributed"] == {"strategy": "ddp", "num_processes": 2, "num_machines": 1}
 
     # same loss curve as the 1-process run (and the weights move the same way)
@@ -185,6 +185,6 @@ def test_interrupted_launch_resumes_from_latest_checkpoint(tmp_path, reference):
     lines: list[str] = []
     metrics = train_distributed(r, reference["tokenized"], out, resume=True, line_logger=lambda lvl, m: lines.append(m), gpus=0)
     assert metrics["resumed_from"] and Path(metrics["resumed_from"]).name in ("checkpoint-2", "checkpoint-4")
-    assert metrics["global_step"] == 4
+    assert metrics["global_step"] == 4 and metrics["distributed"]["strategy"] == "ddp"
     assert any("resuming from" in m for m in lines)
     assert _losses(out) == pytest.approx(reference["losses"], rel=1e-5)
