@@ -424,6 +424,7 @@ def _fan_out_points(plan: list[dict[str, Any]], recipe: str, deployment: str, ga
     Returns ``(rows, failed suffixes, base metrics, point whose eval scored the base model)``.
     """
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
 
     log = run_logger()
@@ -441,19 +442,18 @@ def _fan_out_points(plan: list[dict[str, Any]], recipe: str, deployment: str, ga
     final: dict[Any, Any] = {}
     with get_client(sync_client=True) as client:
         while len(final) < len(runs):
-            for fr in runs:
-                if fr.id in final:
-                    continue
-                cur = client.read_flow_run(fr.id)
+            pending = [fr.id for fr in runs if fr.id not in final]
+            current = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=pending)))
+            for cur in current:
                 if cur.state is not None and cur.state.is_final():
-                    final[fr.id] = cur
+                    final[cur.id] = cur
                     log.info("flow run %s: %s", cur.name, cur.state.name)
             if len(final) < len(runs):
                 if time.monotonic() > deadline:
-                    for fr in runs:
-                        final.setdefault(fr.id, client.read_flow_run(fr.id))
+                    for cur in current:
+                        final.setdefault(cur.id, cur)
                     break
-                time.sleep(2.0)
+                time.sleep(5.0)
         workers = {fr.id: _worker_of(client, fr.id) for fr in runs}
 
     rows: list[dict[str, Any]] = []
@@ -461,13 +461,14 @@ def _fan_out_points(plan: list[dict[str, Any]], recipe: str, deployment: str, ga
     base_metrics: dict[str, float] | None = None
     base_point: str | None = None
     for p, fr in zip(plan, runs, strict=True):
-        cur = final[fr.id]
+        cur = final.get(fr.id, fr)
         state = cur.state
         row: dict[str, Any] = {"point": p["suffix"], **p["point"], "flow_run": cur.name, "worker": workers.get(fr.id),
                                "flow_run_state": state.name if state else None}
         metrics_file = p["out"] / "train" / "metrics.json"
         eval_json = p["out"] / "eval" / "eval.json"
-        if metrics_file.is_file():
+        started = cur.start_time.timestamp() if cur.start_time else None
+        if metrics_file.is_file() and started is not None and metrics_file.stat().st_mtime >= started:  # not an older sweep's
             tm = json.loads(metrics_file.read_text(encoding="utf-8"))
             row["train_loss"] = (tm.get("train") or {}).get("train_loss")
             row["eval_loss"] = (tm.get("eval") or {}).get("eval_loss")
