@@ -147,7 +147,7 @@ def _smoke(tmp_path: Path) -> Path:
 
 def _sweep(pool, recipe: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "flows.cli", "sweep", str(recipe), *args, "--fan-out"]
-    return subprocess.run(cmd, env=pool["env"], cwd=str(ROOT), capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=pool["env"], cwd=str(ROOT), capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow
