@@ -12,7 +12,8 @@ Sections
 ``data``   preference sources, cleaning, split and tokenization lengths.
 ``orpo``   the objective: ``alpha`` (NLL weight) and ``beta`` (TRL's name for
            the paper's lambda, weight of the odds-ratio term).
-``train``  optimisation and Trainer settings.
+``train``  optimisation and Trainer settings; ``train.distributed`` several processes /
+           machines with DDP, FSDP or DeepSpeed ZeRO (:mod:`orpo_core.distributed`).
 ``peft``   full fine-tuning, LoRA or QLoRA.
 ``eval``   held-out preference metrics, perplexity, lm-eval tasks.
 ``hub``    publishing to the Hugging Face Hub.
