@@ -238,6 +238,10 @@ def sweep(
     recipe: str = RecipeArg,
     grid: list[str] = typer.Option(..., "--grid", "-g", help="section.key=v1,v2 (repeatable; cartesian product)"),
     set_: Optional[list[str]] = SetOpt,
+    fan_out: bool = typer.Option(
+        False, "--fan-out", help="run each point as a flow run of the pipeline deployment "
+        "($ORPO_PIPELINE_DEPLOYMENT, default orpo-pipeline/orpo-pipeline-gpu) on its work pool's workers",
+    ),
 ) -> None:
     """Ablation sweep: train + evaluate each grid point, sharing the cached data stages."""
     _setup_env()
@@ -247,7 +251,7 @@ def sweep(
     from flows.sweep import ablation_sweep
 
     try:
-        result = ablation_sweep(recipe=recipe, grid=g, overrides=list(set_ or []))
+        result = ablation_sweep(recipe=recipe, grid=g, overrides=list(set_ or []), fan_out=fan_out)
     except Exception as e:  # noqa: BLE001
         _fail(e)
     _print_json(result)

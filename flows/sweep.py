@@ -15,6 +15,18 @@ Train and evaluate tasks are submitted to a ``ThreadPoolTaskRunner`` whose
 no CPU oversubscription; raise it on hosts with several GPUs or spare cores),
 read at each flow run.
 
+Fan-out (``fan_out=True``, ``orpo sweep … --fan-out``): instead of training here, each
+grid point is submitted as its own flow run of the pipeline deployment
+(``pipeline_deployment``, default ``$ORPO_PIPELINE_DEPLOYMENT`` or
+``orpo-pipeline/orpo-pipeline-gpu``) with ``prefect.deployments.run_deployment``, its
+overrides as the run's parameters, so any worker of that deployment's work pool can
+take it. Each point is then a whole pipeline run in ``<run>/sweep/<suffix>/`` (its own
+data stages included). The sweep waits for all of them (``ORPO_SWEEP_TIMEOUT_S``,
+default 24 h), then reads each point's ``eval/eval.json`` and ``train/metrics.json`` --
+the workers and this flow must see the same output folder (a shared filesystem) -- into
+the same table; a failed or crashed point is a row with its state and message. The
+table adds the flow run and the worker that ran it.
+
 Outputs in ``<run>/sweep/``: ``sweep.json`` (every point's metrics),
 ``sweep.md`` (comparison table), ``sweep.png`` (gate metric and preference
 accuracy per point, with 95 % CIs when reported, base model as a dashed line),
@@ -28,6 +40,7 @@ import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +53,8 @@ from tasks.caching import STAGE_FIELDS, hash_obj, recipe_fields
 from tasks.common import artifact_key, json_safe, markdown_artifact, run_logger, table_artifact
 
 SWEEP_DIR = "sweep"
+DEFAULT_PIPELINE_DEPLOYMENT = "orpo-pipeline/orpo-pipeline-gpu"
+_WORKER_RE = re.compile(r"Worker '(.+?)' submitting flow run")
 
 
 def sweep_max_workers() -> int:
@@ -184,13 +199,23 @@ def _write_text(path: Path, text: str) -> None:
 
 # --------------------------------------------------------------------------- flow
 @flow(name="orpo-ablation-sweep", task_runner=SweepTaskRunner(), description="Train + evaluate every grid point.")
-def ablation_sweep(recipe: str, grid: dict[str, list], overrides: list[str] | None = None) -> dict[str, Any]:
+def ablation_sweep(
+    recipe: str,
+    grid: dict[str, list],
+    overrides: list[str] | None = None,
+    fan_out: bool = False,
+    pipeline_deployment: str | None = None,
+) -> dict[str, Any]:
     """Run train + evaluate for every point of ``grid`` and compare them.
 
     Args:
         recipe: recipe YAML path.
         grid: ``{dotted.key: [values]}``; the cartesian product is swept.
         overrides: ``section.key=value`` applied to every point (before the grid values).
+        fan_out: submit each point as a flow run of ``pipeline_deployment`` (any worker of
+            its pool takes it) instead of training here; see the module docstring.
+        pipeline_deployment: ``flow-name/deployment-name`` of :func:`flows.pipeline.orpo_pipeline`
+            (None: ``$ORPO_PIPELINE_DEPLOYMENT`` or ``orpo-pipeline/orpo-pipeline-gpu``).
 
     Returns:
         ``{"grid", "gate_metric", "points": [row per point], "best", "paths": {"json", "md", "png"}}``.
@@ -222,10 +247,19 @@ def ablation_sweep(recipe: str, grid: dict[str, list], overrides: list[str] | No
         data_dir = base_out / "data" if prep_key == base_keys[0] else pt_out / "data"
         shared_tok = data_dir == base_out / "data" and tok_key == base_keys[1]
         tok_dir = base_out / "tokenized" if shared_tok else pt_out / "tokenized"
-        plan.append({"point": pt, "suffix": suffix, "recipe": d, "out": pt_out, "data_dir": data_dir, "tok_dir": tok_dir})
+        plan.append({"point": pt, "suffix": suffix, "recipe": d, "out": pt_out, "data_dir": data_dir, "tok_dir": tok_dir,
+                     "overrides": pt_over})
     if len({p["suffix"] for p in plan}) != len(plan):
         raise ValueError(f"grid points do not have distinct folder names: {[p['suffix'] for p in plan]}")
     log.info("sweep of %d points: %s", len(plan), ", ".join(p["suffix"] for p in plan))
+    gate, mode = base.eval.gate_metric, base.eval.gate_mode
+    if fan_out:
+        deployment = pipeline_deployment or os.environ.get("ORPO_PIPELINE_DEPLOYMENT") or DEFAULT_PIPELINE_DEPLOYMENT
+        touches_eval = any(k.split(".")[0] in ("model", "eval") for k in grid)
+        rows, failed, base_metrics, base_point = _fan_out_points(plan, recipe, deployment, gate, touches_eval)
+        states: dict[str, str] = {f"point:{r['point']}": r.get("flow_run_state") or "–" for r in rows}
+        return _report(recipe, grid, overrides, base, sweep_dir, rows, failed, base_metrics, base_point, states,
+                       extra_columns=["flow_run", "worker"], fan_out_deployment=deployment, n_points=len(plan))
 
     # data stages: once per distinct folder, sequentially (shared by the points, usually cached)
     states: dict[str, str] = {}
@@ -257,7 +291,6 @@ def ablation_sweep(recipe: str, grid: dict[str, list], overrides: list[str] | No
                 compare_base=(i == 0) or grid_touches_eval,
             )
 
-    gate, mode = base.eval.gate_metric, base.eval.gate_mode
     rows: list[dict[str, Any]] = []
     failed: list[str] = []
     base_metrics: dict[str, float] | None = None
@@ -285,21 +318,45 @@ def ablation_sweep(recipe: str, grid: dict[str, list], overrides: list[str] | No
             rows.append(row)
             continue
         eres = efut.result()
-        m = eval_metrics(eres["eval_json"])
-        for k in dict.fromkeys([gate, *("preference/accuracy", "preference/margin", "perplexity/chosen")]):
-            row[k] = m.get(k)
-            row[f"{k} ci"] = _ci(eres["eval_json"], k)
+        _add_eval_metrics(row, eres["eval_json"], gate)
         if base_metrics is None:
             base_metrics = eval_metrics(eres["eval_json"], which="base") or None
             base_point = p["suffix"]
         row["status"] = "ok"
         row["eval_json"] = eres["eval_json"]
         rows.append(row)
+    return _report(recipe, grid, overrides, base, sweep_dir, rows, failed, base_metrics, base_point, states, n_points=len(plan))
 
+
+def _add_eval_metrics(row: dict[str, Any], eval_json: str, gate: str) -> None:
+    m = eval_metrics(eval_json)
+    for k in dict.fromkeys([gate, *("preference/accuracy", "preference/margin", "perplexity/chosen")]):
+        row[k] = m.get(k)
+        row[f"{k} ci"] = _ci(eval_json, k)
+
+
+def _report(
+    recipe: str,
+    grid: dict[str, list],
+    overrides: list[str],
+    base,
+    sweep_dir: Path,
+    rows: list[dict[str, Any]],
+    failed: list[str],
+    base_metrics: dict[str, float] | None,
+    base_point: str | None,
+    states: dict[str, str],
+    extra_columns: list[str] | None = None,
+    fan_out_deployment: str | None = None,
+    n_points: int = 0,
+) -> dict[str, Any]:
+    """Write sweep.json / sweep.md / sweep.png and the artifacts; raise when points failed."""
+    log = run_logger()
+    gate, mode = base.eval.gate_metric, base.eval.gate_mode
     ok = [r for r in rows if isinstance(r.get(gate), (int, float))]
     best = (max if mode == "max" else min)(ok, key=lambda r: r[gate])["point"] if ok else None
     metric_cols = list(dict.fromkeys([gate, "preference/accuracy", "preference/margin", "perplexity/chosen"]))
-    columns = ["point", *grid.keys(), *metric_cols, "train_loss", "eval_loss", "train", "evaluate", "status"]
+    columns = ["point", *grid.keys(), *metric_cols, "train_loss", "eval_loss", "train", "evaluate", *(extra_columns or []), "status"]
     table_rows = [{c: r.get(c) for c in columns} for r in rows]
     md = (
         f"# Ablation sweep of {base.run_name}\n\n"
@@ -322,7 +379,8 @@ def ablation_sweep(recipe: str, grid: dict[str, list], overrides: list[str] | No
             "best": best,
             "base": base_metrics,
             "points": rows,
-            "data_stages": states,
+            "data_stages" if fan_out_deployment is None else "point_runs": states,
+            "fan_out": fan_out_deployment,
             "paths": {"json": str(sweep_dir / "sweep.json"), "md": str(sweep_dir / "sweep.md"), "png": str(png)},
         }
     )
@@ -332,5 +390,107 @@ def ablation_sweep(recipe: str, grid: dict[str, list], overrides: list[str] | No
     markdown_artifact(md, artifact_key(base.run_name, "sweep-report"), f"Ablation sweep report of {base.run_name}")
     log.info("sweep table: %s", sweep_dir / "sweep.md")
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(plan)} sweep points failed: {', '.join(failed)} (see {sweep_dir / 'sweep.md'})")
+        raise RuntimeError(f"{len(failed)} of {n_points} sweep points failed: {', '.join(failed)} (see {sweep_dir / 'sweep.md'})")
     return summary
+
+
+# --------------------------------------------------------------------------- fan-out
+def sweep_timeout_s() -> float:
+    """``ORPO_SWEEP_TIMEOUT_S``: how long a fan-out sweep waits for its points (default 24 h)."""
+    try:
+        return float(os.environ.get("ORPO_SWEEP_TIMEOUT_S", 24 * 3600))
+    except ValueError:
+        return 24 * 3600.0
+
+
+def _worker_of(client, flow_run_id) -> str | None:
+    """The worker that took a flow run, from its ``Worker '<name>' submitting flow run`` log line."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    try:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=50)
+    except Exception:  # noqa: BLE001 - the worker column is informative only
+        return None
+    for log in logs:
+        m = _WORKER_RE.search(log.message)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _fan_out_points(plan: list[dict[str, Any]], recipe: str, deployment: str, gate: str, touches_eval: bool):
+    """Submit one pipeline flow run per point, wait for all, read their folders into rows.
+
+    Returns ``(rows, failed suffixes, base metrics, point whose eval scored the base model)``.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+
+    log = run_logger()
+    runs = []
+    for i, p in enumerate(plan):
+        # the base model is scored once (first point), as in the local sweep
+        extra = [] if i == 0 or touches_eval else ["eval.compare_base=false"]
+        params = {"recipe": recipe, "overrides": p["overrides"] + extra, "push": False}
+        fr = run_deployment(name=deployment, parameters=params, timeout=0, flow_run_name=None,
+                            tags=["orpo-sweep-point"], as_subflow=True)
+        log.info("point %s -> flow run %s (%s) of %s", p["suffix"], fr.name, fr.id, deployment)
+        runs.append(fr)
+
+    deadline = time.monotonic() + sweep_timeout_s()
+    final: dict[Any, Any] = {}
+    with get_client(sync_client=True) as client:
+        while len(final) < len(runs):
+            pending = [fr.id for fr in runs if fr.id not in final]
+            current = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=pending)))
+            for cur in current:
+                if cur.state is not None and cur.state.is_final():
+                    final[cur.id] = cur
+                    log.info("flow run %s: %s", cur.name, cur.state.name)
+            if len(final) < len(runs):
+                if time.monotonic() > deadline:
+                    for cur in current:
+                        final.setdefault(cur.id, cur)
+                    break
+                time.sleep(5.0)
+        workers = {fr.id: _worker_of(client, fr.id) for fr in runs}
+
+    rows: list[dict[str, Any]] = []
+    failed: list[str] = []
+    base_metrics: dict[str, float] | None = None
+    base_point: str | None = None
+    for p, fr in zip(plan, runs, strict=True):
+        cur = final.get(fr.id, fr)
+        state = cur.state
+        row: dict[str, Any] = {"point": p["suffix"], **p["point"], "flow_run": cur.name, "worker": workers.get(fr.id),
+                               "flow_run_state": state.name if state else None}
+        metrics_file = p["out"] / "train" / "metrics.json"
+        eval_json = p["out"] / "eval" / "eval.json"
+        started = cur.start_time.timestamp() if cur.start_time else None
+        if metrics_file.is_file() and started is not None and metrics_file.stat().st_mtime >= started:  # not an older sweep's
+            tm = json.loads(metrics_file.read_text(encoding="utf-8"))
+            row["train_loss"] = (tm.get("train") or {}).get("train_loss")
+            row["eval_loss"] = (tm.get("eval") or {}).get("eval_loss")
+        if state is None or not state.is_completed():
+            msg = (state.message or "") if state else "not finished"
+            if state is not None and not state.is_final():
+                msg = f"still {state.name} after ORPO_SWEEP_TIMEOUT_S={sweep_timeout_s():g} s"
+            row["status"] = f"flow run {state.name if state else '?'}: {msg}".strip()
+            failed.append(p["suffix"])
+            rows.append(row)
+            continue
+        if not eval_json.is_file():
+            row["status"] = f"no {eval_json} (is the output folder shared with the workers?)"
+            failed.append(p["suffix"])
+            rows.append(row)
+            continue
+        row["train"] = row["evaluate"] = "Completed"
+        _add_eval_metrics(row, str(eval_json), gate)
+        if base_metrics is None:
+            base_metrics = eval_metrics(str(eval_json), which="base") or None
+            base_point = p["suffix"] if base_metrics else None
+        row["status"] = "ok"
+        row["eval_json"] = str(eval_json)
+        rows.append(row)
+    return rows, failed, base_metrics, base_point

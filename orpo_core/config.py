@@ -12,7 +12,8 @@ Sections
 ``data``   preference sources, cleaning, split and tokenization lengths.
 ``orpo``   the objective: ``alpha`` (NLL weight) and ``beta`` (TRL's name for
            the paper's lambda, weight of the odds-ratio term).
-``train``  optimisation and Trainer settings.
+``train``  optimisation and Trainer settings; ``train.distributed`` several processes /
+           machines with DDP, FSDP or DeepSpeed ZeRO (:mod:`orpo_core.distributed`).
 ``peft``   full fine-tuning, LoRA or QLoRA.
 ``eval``   held-out preference metrics, perplexity, lm-eval tasks.
 ``hub``    publishing to the Hugging Face Hub.
@@ -212,6 +213,92 @@ class ORPOConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- train
+class FsdpConfig(_Strict):
+    """FSDP options of ``train.distributed`` (accelerate's ``fsdp_config``; see
+    ``accelerate config`` / ``FullyShardedDataParallelPlugin``)."""
+
+    version: Literal[1, 2] = Field(1, description="FSDP1 (FullyShardedDataParallel) or FSDP2 (fully_shard)")
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2"] = Field(
+        "FULL_SHARD", description="FSDP1 sharding strategy (FSDP2: FULL_SHARD = reshard after forward, others do not)"
+    )
+    auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = "TRANSFORMER_BASED_WRAP"
+    transformer_layer_cls_to_wrap: str | None = Field(
+        None, description="comma-separated decoder layer classes (None: the model's _no_split_modules)"
+    )
+    min_num_params: int = Field(100_000_000, gt=0, description="SIZE_BASED_WRAP threshold")
+    cpu_offload: bool = Field(False, description="offload parameters and gradients to CPU")
+    state_dict_type: Literal["FULL_STATE_DICT", "SHARDED_STATE_DICT"] = Field(
+        "FULL_STATE_DICT", description="checkpoint format (the final model is always gathered to full weights)"
+    )
+    activation_checkpointing: bool = False
+    use_orig_params: bool = True
+
+
+class DeepSpeedZeroConfig(_Strict):
+    """DeepSpeed ZeRO options of ``train.distributed`` (accelerate's ``deepspeed_config``)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer_device: Literal["none", "cpu", "nvme"] = "none"
+    offload_param_device: Literal["none", "cpu", "nvme"] = Field("none", description="stage 3 only")
+    offload_nvme_path: str | None = Field(None, description="folder for nvme offload")
+    zero3_init_flag: bool = Field(False, description="construct the model with deepspeed.zero.Init (stage 3)")
+    zero3_save_16bit_model: bool = Field(True, description="stage 3: gather 16-bit weights when saving")
+    config_file: str | None = Field(None, description="a DeepSpeed JSON config to use instead of the options above")
+
+    @model_validator(mode="after")
+    def _offload(self) -> "DeepSpeedZeroConfig":
+        if self.offload_param_device != "none" and self.zero_stage != 3:
+            raise ValueError("offload_param_device needs zero_stage 3")
+        if self.offload_optimizer_device != "none" and self.zero_stage < 1:
+            raise ValueError("offload_optimizer_device needs zero_stage >= 1")
+        if "nvme" in (self.offload_param_device, self.offload_optimizer_device) and not self.offload_nvme_path:
+            raise ValueError("nvme offload needs offload_nvme_path")
+        return self
+
+
+class DistributedConfig(_Strict):
+    """Several training processes (``accelerate launch``, written by :mod:`orpo_core.distributed`).
+
+    ``num_processes`` is the total over all machines (accelerate's meaning); ``auto`` is the
+    number of visible CUDA GPUs times ``num_machines`` (1 on a CPU-only host). One process on
+    one machine trains in the calling process, as without this section.
+    """
+
+    num_processes: int | Literal["auto"] = Field(1, description="total processes (int >= 1) or 'auto' = visible GPUs")
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    num_machines: int = Field(1, ge=1)
+    machine_rank: int = Field(0, ge=0, description="this machine's rank (0 = the one at main_process_ip)")
+    main_process_ip: str | None = Field(None, description="address of machine 0 (needed when num_machines > 1)")
+    main_process_port: int | None = Field(
+        None, ge=0, le=65535, description="rendezvous port (None: a free port on one machine, 29500 on several)"
+    )
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
+    deepspeed: DeepSpeedZeroConfig = Field(default_factory=DeepSpeedZeroConfig)
+
+    @field_validator("num_processes")
+    @classmethod
+    def _num_processes(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("num_processes must be >= 1 or 'auto'")
+        return v
+
+    @model_validator(mode="after")
+    def _topology(self) -> "DistributedConfig":
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank ({self.machine_rank}) must be < num_machines ({self.num_machines})")
+        if self.num_machines > 1:
+            if not self.main_process_ip:
+                raise ValueError("num_machines > 1 needs main_process_ip (address of machine_rank 0)")
+            if isinstance(self.num_processes, int) and self.num_processes % self.num_machines:
+                raise ValueError(
+                    f"num_processes ({self.num_processes}) is the total over machines and must be a multiple "
+                    f"of num_machines ({self.num_machines})"
+                )
+        if self.num_processes == 1 and self.num_machines == 1 and self.strategy != "ddp":
+            raise ValueError(f"strategy {self.strategy} needs num_processes >= 2 (1 process trains in-process, unsharded)")
+        return self
+
+
 class TrainConfig(_Strict):
     learning_rate: float = Field(8e-6, gt=0)
     lr_scheduler_type: str = "linear"
@@ -238,6 +325,9 @@ class TrainConfig(_Strict):
     save_merged: bool = Field(True, description="LoRA: save merged full weights (False: adapter only)")
     report_to: list[str] = Field(default_factory=list)
     seed: int | None = Field(None, description="None: the recipe seed")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="processes / machines and DDP, FSDP or DeepSpeed ZeRO"
+    )
 
 
 class PeftConfig(_Strict):

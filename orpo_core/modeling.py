@@ -390,9 +390,13 @@ def save_trained_model(
     recipe: Recipe,
     out_dir: str | Path,
     work_dir: str | Path | None = None,
+    state_dict: dict | None = None,
 ) -> dict[str, str]:
     """Write the trained model to ``out_dir/model`` (and ``out_dir/adapter`` for LoRA
     with ``train.save_merged``), each with the tokenizer and its chat template.
+
+    ``state_dict``: the full weights gathered from sharded training (FSDP, DeepSpeed ZeRO-3,
+    ``accelerator.get_state_dict``), used instead of ``model``'s own (possibly sharded) tensors.
 
     Layout:
         * full fine-tuning: ``model/`` = safetensors weights + config + tokenizer;
@@ -414,7 +418,7 @@ def save_trained_model(
     if is_peft_model(model):
         adapter_final = out / ADAPTER_SUBDIR if recipe.train.save_merged else model_dir
         tmp = _atomic_dir(adapter_final)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         _save_tokenizer(tokenizer, tmp)
         _publish(tmp, adapter_final)
         info["adapter"] = str(adapter_final)
@@ -430,7 +434,7 @@ def save_trained_model(
             info["kind"] = "adapter"
     else:
         tmp = _atomic_dir(model_dir)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         _save_tokenizer(tokenizer, tmp)
         _publish(tmp, model_dir)
         info["kind"] = "full"

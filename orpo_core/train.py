@@ -106,8 +106,14 @@ def _with_bookkeeping(dataset):
 def _checkpoint_complete(path: Path) -> bool:
     if not (path / "trainer_state.json").is_file():
         return False
-    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-    has_opt = (path / "optimizer.pt").is_file() and (path / "scheduler.pt").is_file()
+    # DeepSpeed keeps weights and optimizer in global_step<N>/ (scheduler included); FSDP writes
+    # pytorch_model_fsdp.bin + optimizer.bin (FULL_STATE_DICT) or pytorch_model_fsdp_0/ + optimizer_0/ (SHARDED)
+    deepspeed = any(p.is_dir() for p in path.glob("global_step*"))
+    has_weights = deepspeed or any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("pytorch_model_fsdp_*"))
+    has_opt = deepspeed or (
+        ((path / "optimizer.pt").is_file() or (path / "optimizer.bin").is_file() or any(path.glob("optimizer_*")))
+        and (path / "scheduler.pt").is_file()
+    )
     has_rng = any(path.glob("rng_state*.pth"))
     return has_weights and has_opt and has_rng
 
@@ -358,9 +364,13 @@ def run_training(
         "fused_loss": trainer.use_fused,
     }
     trainer.accelerator.wait_for_everyone()
+    state_dict = None
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # sharded parameters (FSDP, ZeRO-3): gather the full state dict, a collective on every rank
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
     if trainer.is_world_process_zero():
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        result["model"] = save_trained_model(unwrapped, tokenizer, recipe, out_dir, work_dir=recipe.out_dir)
+        result["model"] = save_trained_model(unwrapped, tokenizer, recipe, out_dir, work_dir=recipe.out_dir, state_dict=state_dict)
         _write_json_atomic(out_dir / "log_history.json", trainer.state.log_history)
         _write_json_atomic(out_dir / "metrics.json", result)
     trainer.accelerator.wait_for_everyone()

@@ -53,7 +53,9 @@ def train_task(recipe: dict[str, Any], tokenized_dir: str, out_dir: str) -> dict
     """Train on ``tokenized_dir`` into ``out_dir`` (``<run>/train``).
 
     A progress artifact (``<run>-training-progress``) follows ``global_step / max_steps``
-    and the Trainer's log dicts go to the run logs.
+    and the Trainer's log dicts go to the run logs. With ``train.distributed`` asking for
+    several processes, :func:`orpo_core.distributed.train_distributed` runs ``accelerate
+    launch`` and streams every rank's output lines to the run logs.
 
     Returns:
         ``{"stage": "train", "path": out_dir, "model_dir": out_dir/model,
@@ -61,6 +63,7 @@ def train_task(recipe: dict[str, Any], tokenized_dir: str, out_dir: str) -> dict
         Cached on the tokenized data's content, the model/orpo/train/peft sections, the seed
         and the code version.
     """
+    from orpo_core.distributed import train_distributed, uses_launcher
     from orpo_core.train import run_training
 
     r = load_recipe_dict(recipe)
@@ -73,7 +76,10 @@ def train_task(recipe: dict[str, Any], tokenized_dir: str, out_dir: str) -> dict
     (out / INPROGRESS_NAME).write_text(json.dumps({"base_key": base_key}), encoding="utf-8")
     cb = make_progress_callback(artifact_key(r.run_name, "training-progress"), f"Training progress of {r.run_name}")
     with stage_run("train", inputs) as box:
-        metrics = run_training(r, Path(tokenized_dir), out, resume=resume, callbacks=[cb] if cb else None)
+        if uses_launcher(r.train.distributed):  # train.distributed: accelerate launch, lines to the run log
+            metrics = train_distributed(r, Path(tokenized_dir), out, resume=resume, callbacks=[cb] if cb else None, line_logger=run_logger())
+        else:
+            metrics = run_training(r, Path(tokenized_dir), out, resume=resume, callbacks=[cb] if cb else None)
         (out / INPROGRESS_NAME).unlink(missing_ok=True)
         box["result"] = {
             "stage": "train",
