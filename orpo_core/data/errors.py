@@ -27,6 +27,9 @@ BAD_CONVERSATION = "bad_conversation"
 TOO_FEW_COMPLETIONS = "too_few_completions"
 BAD_SCORE = "bad_score"
 BAD_VALUE = "bad_value"
+MALFORMED_CSV = "malformed_csv"  # a CSV row whose number of fields differs from the header
+DUPLICATE_KEY = "duplicate_key"  # a JSON object with the same key twice
+FOREIGN_KEYS = "foreign_keys"  # a row carrying the keys of another format than its file's
 # Whole-source reasons (always fatal)
 EMPTY_FILE = "empty_file"
 MISSING_COLUMN = "missing_column"

@@ -38,6 +38,7 @@ source and per input split.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from orpo_core.config import Recipe, SourceConfig
 from orpo_core.data.errors import NO_ROWS, DataError, DropRow, RowRef
@@ -56,7 +57,7 @@ from orpo_core.data.formats import (
     IDENTICAL,
     ColumnMap,
     Normalizer,
-    resolve_format,
+    resolve_file_format,
 )
 from orpo_core.data.loading import RawSource, open_source
 from orpo_core.data.schema import (
@@ -119,8 +120,9 @@ class Pair:
 class SourceState:
     src: SourceConfig
     label: str
-    format: str | None = None
+    format: str | None = None  # the one format of all its files, or "mixed"
     files: list[str] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)  # file -> format
     counts: dict[str, SplitCounts] = field(default_factory=dict)
     binarize: Counter = field(default_factory=Counter)
     error_examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -185,38 +187,42 @@ def _read_split(recipe: Recipe, st: SourceState, idx: int, which: str, pairs: li
         name, records = _synthetic_records(src, recipe.seed)
         st.format = "synthetic"
         st.files = [name]
-        normalize = _normalize_synthetic
-    else:
-        raw: RawSource = open_source(src, which, data.cache_dir)
-        buf, rest = _peek(raw.records, _SAMPLE_ROWS)
+        st.formats[name] = "synthetic"
+        _consume(data.on_error, st, counts, records, _normalize_synthetic, idx, which, pairs)
+        return
+    raw: RawSource = open_source(src, which, data.cache_dir)
+    cmap = ColumnMap(src.columns, raw.name)
+    for part in raw.parts:
+        buf, rest = _peek(part.records, _SAMPLE_ROWS)
         sample = [r for _, r in buf if isinstance(r, dict)]
         if not sample:  # every row is unreadable: the format cannot be known, so this is fatal
             if buf and data.on_error == "raise":
                 raise buf[0][1]
             first = f" (first: {buf[0][1]})" if buf else ""
-            raise DataError(f"no readable record in {len(buf)} rows{first}", file=raw.name, reason=NO_ROWS, fatal=True)
-        columns = raw.columns if raw.columns is not None else sorted({k for r in sample for k in r})
-        first_ref = next(ref for ref, r in buf if isinstance(r, dict))
-        cmap = ColumnMap(src.columns, raw.name)
-        fmt = resolve_format(src, cmap, columns, sample, first_ref)
-        if st.format is not None and st.format != fmt:
             raise DataError(
-                f"test_split has format {fmt!r} but the main split has {st.format!r}; set 'format:'",
-                file=raw.name,
-                reason="bad_config",
-                fatal=True,
+                f"no readable record in {len(buf)} rows{first}", file=part.name, reason=NO_ROWS, fatal=True
             )
-        st.format = fmt
-        st.files.extend(raw.files or [raw.name])
-        normalizer = Normalizer(fmt, cmap, src, rng, st.binarize)
-        normalize = normalizer
+        first_ref = next(ref for ref, r in buf if isinstance(r, dict))
+        layout = resolve_file_format(src, cmap, part.columns, sample, first_ref, part.name)
+        st.formats[part.name] = layout.fmt
+        st.files.append(part.name)
+        normalizer = Normalizer(layout.fmt, cmap, src, rng, st.binarize, layout=layout)
+        _consume(data.on_error, st, counts, itertools.chain(buf, rest), normalizer, idx, which, pairs)
+    fmts = set(st.formats.values())
+    st.format = fmts.pop() if len(fmts) == 1 else "mixed"
 
-        def chained() -> Iterator[tuple[RowRef, Any]]:
-            yield from buf
-            yield from rest
 
-        records = chained()
-
+def _consume(
+    on_error: str,
+    st: SourceState,
+    counts: SplitCounts,
+    records: Iterator[tuple[RowRef, Any]],
+    normalize: Callable[[Any, RowRef], list[dict[str, Any]]],
+    idx: int,
+    which: str,
+    pairs: list[Pair],
+) -> None:
+    """Normalize ``records`` into ``pairs``; row-level errors raise or are counted (``on_error``)."""
     for ref, rec in records:
         counts.read += 1
         try:
@@ -224,7 +230,7 @@ def _read_split(recipe: Recipe, st: SourceState, idx: int, which: str, pairs: li
                 raise rec
             rows = normalize(rec, ref)
         except DataError as e:
-            if e.fatal or data.on_error == "raise":
+            if e.fatal or on_error == "raise":
                 raise
             counts.dropped[e.reason] += 1
             if len(st.error_examples[e.reason]) < MAX_ERROR_EXAMPLES:
@@ -473,6 +479,7 @@ def _build_stats(recipe: Recipe, states: list[SourceState], train: list[Pair], t
             "path": st.src.path,
             "synthetic": st.src.synthetic.model_dump() if st.src.synthetic is not None else None,
             "format": st.format,
+            "formats": st.formats,
             "files": st.files,
             **src_total.as_dict(),
             "inputs": {
