@@ -241,15 +241,30 @@ def _json_error(e: json.JSONDecodeError, text: str, ref: RowRef, fatal: bool = F
     )
 
 
-def _spanning_json(path: Path) -> str | None:
+_SPANNING_CHECK_BYTES = 256 << 20  # larger .jsonl files are not re-parsed whole to explain a bad first line
+
+
+def _spanning_json(path: Path, first_line: str) -> str | None:
     """When a ``.jsonl`` file is really one JSON document (an array or object spanning
-    lines, or an array on one line), say so; else None."""
+    lines, or an array on one line), say so; else None. Files over 256 MiB are not
+    parsed whole: a first line that is only ``[`` or ``{`` is taken as the sign."""
     try:
-        data = _read_all_bytes(path)
-        if data.startswith(b"\xef\xbb\xbf"):
-            data = data[3:]
+        with _open_bytes(path) as f:
+            data = f.read(_SPANNING_CHECK_BYTES + 1)
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return None
+    if len(data) > _SPANNING_CHECK_BYTES:
+        if first_line.strip() in ("[", "{"):
+            return (
+                f"line 1 is {first_line.strip()!r}: the file looks like one JSON document spanning lines, "
+                "not JSON Lines (one object per line): rename it to .json, or write one object per line"
+            )
+        return None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
         obj = json.loads(data.decode("utf-8"))
-    except (DataError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     if isinstance(obj, list):
         what = f"one JSON array of {len(obj)} items"
@@ -308,14 +323,14 @@ def iter_jsonl(path: Path) -> Iterator[Record]:
                     obj = parser.loads(text)
                 except json.JSONDecodeError as e:
                     if first and text.lstrip().startswith(("[", "{")):
-                        hint = _spanning_json(path)
+                        hint = _spanning_json(path, text)
                         if hint:
                             raise DataError(hint, ref=ref, reason=MALFORMED_JSON, fatal=True) from None
                     yield ref, _json_error(e, text, ref)
                     continue
                 if not isinstance(obj, dict):
                     if first and isinstance(obj, list):
-                        hint = _spanning_json(path)
+                        hint = _spanning_json(path, text)
                         if hint:
                             raise DataError(hint, ref=ref, reason=MALFORMED_JSON, fatal=True) from None
                     yield (
@@ -436,7 +451,10 @@ def csv_columns_and_rows(path: Path) -> tuple[list[str], Iterator[Record]]:
             except csv.Error as e:
                 ref = RowRef(name, start, "line")
                 if "end of data" in str(e):
-                    msg = "malformed CSV: unterminated quoted field (the quote opened in the record starting here runs to the end of the file)"
+                    msg = (
+                        "malformed CSV: unterminated quoted field "
+                        "(the quote opened in the record starting here runs to the end of the file)"
+                    )
                 else:
                     msg = f"malformed CSV: {e} (a quote inside a quoted field must be doubled: \"\")"
                 raise DataError(msg, ref=ref, reason=MALFORMED_CSV, fatal=True) from None
