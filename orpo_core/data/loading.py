@@ -81,6 +81,7 @@ class RawFile:
     name: str
     columns: list[str] | None
     records: Iterator[Record]
+    path: Path | None = None  # the local file, when there is one
 
 
 @dataclass
@@ -281,12 +282,50 @@ def _spanning_json(path: Path, first_line: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- readers
+def parse_jsonl_line(raw: bytes, lineno: int, name: str, parser: "_JsonParser") -> Record | None:
+    """One line of a JSON Lines file: None when blank, else ``(RowRef(line), dict | DataError)``.
+
+    A UTF-8 BOM is dropped from line 1. Row-level errors (``not_utf8``, ``malformed_json``
+    with the parser's column, ``duplicate_key``, a value that is not an object) are
+    returned, not raised.
+    """
+    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    if not raw.strip():
+        return None
+    ref = RowRef(name, lineno, "line")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return (
+            ref,
+            DataError(
+                f"not valid UTF-8 (byte {raw[e.start : e.start + 1]!r} at column {e.start + 1})",
+                ref=ref,
+                field=_bad_utf8_field(raw),
+                reason=NOT_UTF8,
+            ),
+        )
+    try:
+        obj = parser.loads(text)
+    except json.JSONDecodeError as e:
+        return ref, _json_error(e, text, ref)
+    if not isinstance(obj, dict):
+        return ref, DataError(
+            f"expected a JSON object per line, got {type(obj).__name__}", ref=ref, reason=MALFORMED_JSON
+        )
+    if parser.found:
+        return ref, _duplicate_key_error(parser.duplicates(obj), ref)
+    return ref, obj
+
+
 def iter_jsonl(path: Path) -> Iterator[Record]:
     """Yield ``(RowRef(line), dict | DataError)`` for each non-blank line (1-based line numbers).
 
     Bad lines (invalid UTF-8, invalid JSON, not an object, a key given twice) are
-    yielded as :class:`DataError` so the caller can raise or skip them. JSON
-    column numbers are the parser's (1-based, in characters of the line).
+    yielded as :class:`DataError` so the caller can raise or skip them
+    (:func:`parse_jsonl_line`). JSON column numbers are the parser's (1-based, in
+    characters of the line).
 
     Raises:
         DataError: ``empty_file`` when no non-blank line exists; ``unreadable`` for I/O or gzip errors;
@@ -299,51 +338,17 @@ def iter_jsonl(path: Path) -> Iterator[Record]:
     try:
         with _open_bytes(path) as f:
             for lineno, raw in enumerate(f, start=1):
-                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    raw = raw[3:]
-                if not raw.strip():
+                item = parse_jsonl_line(raw, lineno, name, parser)
+                if item is None:
                     continue
-                first = not seen
+                if not seen and isinstance(item[1], DataError) and item[1].reason == MALFORMED_JSON:
+                    text = raw.decode("utf-8", errors="replace").lstrip("\ufeff")
+                    if text.lstrip().startswith(("[", "{")):
+                        hint = _spanning_json(path, text)
+                        if hint:
+                            raise DataError(hint, ref=item[0], reason=MALFORMED_JSON, fatal=True) from None
                 seen = True
-                ref = RowRef(name, lineno, "line")
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield (
-                        ref,
-                        DataError(
-                            f"not valid UTF-8 (byte {raw[e.start : e.start + 1]!r} at column {e.start + 1})",
-                            ref=ref,
-                            field=_bad_utf8_field(raw),
-                            reason=NOT_UTF8,
-                        ),
-                    )
-                    continue
-                try:
-                    obj = parser.loads(text)
-                except json.JSONDecodeError as e:
-                    if first and text.lstrip().startswith(("[", "{")):
-                        hint = _spanning_json(path, text)
-                        if hint:
-                            raise DataError(hint, ref=ref, reason=MALFORMED_JSON, fatal=True) from None
-                    yield ref, _json_error(e, text, ref)
-                    continue
-                if not isinstance(obj, dict):
-                    if first and isinstance(obj, list):
-                        hint = _spanning_json(path, text)
-                        if hint:
-                            raise DataError(hint, ref=ref, reason=MALFORMED_JSON, fatal=True) from None
-                    yield (
-                        ref,
-                        DataError(
-                            f"expected a JSON object per line, got {type(obj).__name__}", ref=ref, reason=MALFORMED_JSON
-                        ),
-                    )
-                    continue
-                if parser.found:
-                    yield ref, _duplicate_key_error(parser.duplicates(obj), ref)
-                    continue
-                yield ref, obj
+                yield item
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"cannot read file: {e}", file=name, reason=UNREADABLE, fatal=True) from None
     if not seen:
@@ -563,7 +568,7 @@ def read_part(path: Path) -> RawFile:
         DataError: as :func:`read_file`.
     """
     cols, records = read_file(path)
-    return RawFile(str(path), cols, records)
+    return RawFile(str(path), cols, records, path)
 
 
 # --------------------------------------------------------------------------- sources
