@@ -2,10 +2,12 @@
 
 The script writes a JSON Lines file of N standard-format rows (``prompt`` / ``chosen`` /
 ``rejected`` strings; seeded; prompts of 40-400 characters, completions of 40-800, about
-600 bytes a row; 1 % exact duplicates, 0.5 % identical chosen/rejected, 2 % prompts
+1.1 KB a row; 1 % exact duplicates, 0.5 % identical chosen/rejected, 2 % prompts
 with a second pair) and runs ``python -m flows.cli prep RECIPE --no-tokenize`` on it for
 every (rows, num_proc) combination, each in its own process tree. It prints wall time,
-rows/s (rows read / wall seconds, CLI start-up included), and two peaks:
+rows/s (rows read / wall seconds, CLI start-up included), the CPU seconds of the process
+tree (user + system; on a shared, loaded machine wall time is not a measure of scaling,
+CPU seconds show the overhead of more processes), and two peaks:
 
 * peak RSS (tree): the largest sum of the resident set sizes of the CLI process and its
   worker processes, sampled every 50 ms (psutil);
@@ -52,8 +54,15 @@ def sentence(rng: random.Random, n_chars: int) -> str:
 
 
 def generate(path: Path, rows: int, seed: int = 0) -> None:
-    """Write ``rows`` standard-format rows to ``path`` (JSON Lines), atomically."""
+    """Write ``rows`` standard-format rows to ``path`` (JSON Lines), atomically.
+
+    Texts come from seeded pools of 4,096 sentences (prompts 40-400 characters,
+    completions 40-800); every prompt starts with its row number, so pairs are unique
+    except the planted duplicates.
+    """
     rng = random.Random(seed)
+    prompts = [sentence(rng, rng.randint(40, 400)) for _ in range(4096)]
+    answers = [sentence(rng, rng.randint(40, 800)) for _ in range(4096)]
     tmp = path.with_suffix(".tmp")
     prev: list[dict] = []
     with open(tmp, "w", encoding="utf-8") as f:
@@ -62,17 +71,13 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
             if prev and r < 0.01:  # exact duplicate of a recent row
                 row = rng.choice(prev)
             elif prev and r < 0.03:  # a second pair for a recent prompt
-                row = {
-                    "prompt": rng.choice(prev)["prompt"],
-                    "chosen": sentence(rng, rng.randint(40, 800)),
-                    "rejected": sentence(rng, rng.randint(40, 800)),
-                }
+                row = {"prompt": rng.choice(prev)["prompt"], "chosen": rng.choice(answers), "rejected": rng.choice(answers)}
             else:
-                chosen = sentence(rng, rng.randint(40, 800))
+                chosen = rng.choice(answers)
                 row = {
-                    "prompt": f"Question {i}: " + sentence(rng, rng.randint(40, 400)),
+                    "prompt": f"Question {i}: " + rng.choice(prompts),
                     "chosen": chosen,
-                    "rejected": chosen if r < 0.035 else sentence(rng, rng.randint(40, 800)),
+                    "rejected": chosen if r < 0.035 else rng.choice(answers),
                 }
             prev.append(row)
             if len(prev) > 64:
@@ -116,7 +121,8 @@ def run_prep(data: Path, rows: int, num_proc: int, workdir: Path) -> dict:
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "flows.cli", "prep", str(recipe), "--no-tokenize"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = ru0.ru_maxrss
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
@@ -127,7 +133,9 @@ def run_prep(data: Path, rows: int, num_proc: int, workdir: Path) -> dict:
     wall = time.perf_counter() - t0
     stop.set()
     th.join()
-    max_proc = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    max_proc = ru1.ru_maxrss * 1024
+    cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"orpo prep failed ({proc.returncode}):\n{err[-3000:]}")
     stats = json.loads(out)
@@ -135,6 +143,7 @@ def run_prep(data: Path, rows: int, num_proc: int, workdir: Path) -> dict:
         "rows": rows,
         "num_proc": num_proc,
         "wall_s": wall,
+        "cpu_s": cpu,
         "rows_per_s": stats["rows_read"] / wall,
         "peak_rss_tree_gib": peak[0] / 2**30,
         # ru_maxrss of RUSAGE_CHILDREN is a running maximum: only meaningful when it grew
@@ -166,6 +175,7 @@ def main() -> None:
             mp = f"{r['peak_rss_max_proc_gib']:.2f}" if r["peak_rss_max_proc_gib"] is not None else "n/a"
             print(
                 f"rows {rows:>9,}  num_proc {n}  {r['wall_s']:7.1f} s  {r['rows_per_s']:>9,.0f} rows/s  "
+                f"cpu {r['cpu_s']:6.1f} s  "
                 f"peak RSS tree {r['peak_rss_tree_gib']:.2f} GiB  max process {mp} GiB  "
                 f"kept {r['rows_kept']:,}  dropped {r['dropped']}",
                 flush=True,
