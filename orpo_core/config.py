@@ -140,7 +140,7 @@ class DataConfig(_Strict):
     max_length: int = Field(1024, gt=1, description="prompt + completion tokens")
     max_prompt_length: int = Field(512, gt=0)
     num_proc: int = Field(
-        1, ge=1, description="processes for tokenization (datasets.map, >= 1000 rows each); preparation uses one"
+        1, ge=1, description="processes for preparation (files over one 8 MiB chunk) and tokenization (>= 1000 rows each)"
     )
     cache_dir: str | None = None
 
