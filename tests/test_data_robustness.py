@@ -53,6 +53,7 @@ ROW_CASES = [
     ("unknown_role.jsonl", "unknown_role", "line 2", "chosen[1].role", 3, 2),
     ("wrong_type.jsonl", "non_string", "line 2", "chosen", 3, 2),
     ("not_utf8.jsonl", "not_utf8", "line 2", "chosen", 3, 2),
+    ("lone_surrogate.jsonl", "not_utf8", "line 2", "prompt", 3, 2),
     ("field_count.csv", "malformed_csv", "line 3", None, 3, 2),
 ]
 

@@ -6,8 +6,8 @@ records / Parquet rows). Each chunk is turned, by :func:`process_chunk`, into:
 * a :class:`pyarrow.RecordBatch` of the normalized pairs that pass the per-pair
   cleaning (``PAIR_SCHEMA``; ``origin`` and ``source`` filled in);
 * small per-pair arrays for the global steps of :mod:`orpo_core.data.prepare`:
-  the dedup key (SHA-1 of the canonical JSON of prompt, chosen and rejected), the
-  prompt key (SHA-1 of the prompt's canonical JSON, for the grouped split) and three
+  the dedup key (SHA-1 of prompt, chosen and rejected), the prompt key (SHA-1 of the
+  prompt, for the grouped split; both from :func:`pair_keys`) and three
   flags for the stats (multi-turn prompt, system turn, both scores present);
 * the counts of the chunk (rows read, pairs added by binarization, drops by reason,
   binarization counters) and the first error examples, or the first row error when
@@ -30,7 +30,6 @@ file: such files are always processed in the calling process.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -72,15 +71,22 @@ def clean_reason(row: dict[str, Any], min_margin: float | None) -> str | None:
     return None
 
 
-def pair_key(row: dict[str, Any]) -> bytes:
-    """Dedup key: SHA-1 of the canonical JSON of (prompt, chosen, rejected)."""
-    payload = json.dumps([row["prompt"], row["chosen"], row["rejected"]], ensure_ascii=False, sort_keys=True)
-    return hashlib.sha1(payload.encode()).digest()
+def _encode_messages(messages: list[dict[str, str]]) -> str:
+    """An injective text form of normalized messages (length-prefixed roles and contents)."""
+    parts = [f"{len(messages)}#"]
+    for m in messages:
+        role, content = m["role"], m["content"]
+        parts.append(f"{len(role)}:{role}{len(content)}:{content}")
+    return "".join(parts)
 
 
-def prompt_key(row: dict[str, Any]) -> bytes:
-    """Split-group key: SHA-1 of the canonical JSON of the prompt messages."""
-    return hashlib.sha1(json.dumps(row["prompt"], ensure_ascii=False, sort_keys=True).encode()).digest()
+def pair_keys(row: dict[str, Any]) -> tuple[bytes, bytes]:
+    """(dedup key, split-group key): SHA-1 digests of (prompt, chosen, rejected) and of the
+    prompt. Two pairs get the same key exactly when their normalized messages are equal
+    (up to SHA-1 collisions)."""
+    prompt = _encode_messages(row["prompt"]).encode("utf-8", "surrogatepass")
+    rest = (_encode_messages(row["chosen"]) + _encode_messages(row["rejected"])).encode("utf-8", "surrogatepass")
+    return hashlib.sha1(prompt + rest).digest(), hashlib.sha1(prompt).digest()
 
 
 def normalize_synthetic(rec: dict[str, Any], ref: RowRef) -> list[dict[str, Any]]:
@@ -227,8 +233,9 @@ def process_chunk(ctx: ChunkContext, chunk: Chunk, rng: random.Random | None = N
             row["source"] = row.get("source") or ctx.label
             row["origin"] = ref.origin
             rows.append(row)
-            pkeys.append(pair_key(row))
-            gkeys.append(prompt_key(row))
+            pk, gk = pair_keys(row)
+            pkeys.append(pk)
+            gkeys.append(gk)
             p = row["prompt"]
             flags.append(
                 (

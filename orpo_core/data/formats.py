@@ -141,6 +141,9 @@ class ColumnMap:
                     fatal=True,
                 )
             self.mapping[canonical] = col
+        self._inverse: dict[str, tuple[str, ...]] = {}  # source column -> canonical names it holds
+        for c in CANONICAL_COLUMNS:
+            self._inverse[self.col(c)] = self._inverse.get(self.col(c), ()) + (c,)
 
     def col(self, canonical: str) -> str:
         """The source column holding ``canonical``."""
@@ -244,7 +247,8 @@ def row_family(keys: set[str] | frozenset[str]) -> str | None:
 
 def row_keys(rec: dict[str, Any], cmap: ColumnMap) -> set[str]:
     """Canonical names whose column is in ``rec`` with a value (not None, not "": an empty CSV cell)."""
-    return cmap.present(k for k, v in rec.items() if v is not None and not (isinstance(v, str) and v == ""))
+    inverse = cmap._inverse
+    return {c for k, v in rec.items() if k in inverse and v is not None and v != "" for c in inverse[k]}
 
 
 @dataclass

@@ -185,6 +185,7 @@ class _JsonParser:
 
     def __init__(self) -> None:
         self.found = False
+        self._decoder = json.JSONDecoder(object_pairs_hook=self._hook)
 
     def _hook(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         d = dict(pairs)
@@ -202,7 +203,7 @@ class _JsonParser:
     def loads(self, text: str) -> Any:
         """Parse ``text``; raises :class:`json.JSONDecodeError` like ``json.loads``."""
         self.found = False
-        return json.loads(text, object_pairs_hook=self._hook)
+        return self._decoder.decode(text)
 
     @staticmethod
     def duplicates(obj: Any, path: str = "") -> list[str]:
@@ -227,6 +228,46 @@ def _duplicate_key_error(dups: list[str], ref: RowRef) -> DataError:
         ref=ref,
         field=dups[0],
         reason=DUPLICATE_KEY,
+    )
+
+
+def _surrogate_path(v: Any, path: str = "") -> str | None:
+    """Where a string with a lone UTF-16 surrogate (from a ``\\udXXX`` JSON escape) is, or None."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "<value>"
+        return None
+    if isinstance(v, dict):
+        for k, x in v.items():
+            hit = _surrogate_path(x, f"{path}.{k}" if path else str(k))
+            if hit:
+                return hit
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            hit = _surrogate_path(x, f"{path}[{i}]")
+            if hit:
+                return hit
+    return None
+
+
+def _has_surrogate_escape(text: str) -> bool:
+    """Whether JSON text has a ``\\udXXX`` escape (the only way to a lone surrogate)."""
+    return "\\ud" in text or "\\uD" in text
+
+
+def _surrogate_error(obj: Any, ref: RowRef) -> DataError | None:
+    """A ``not_utf8`` error when ``obj`` holds a lone surrogate escape (not a character; it
+    cannot be written as UTF-8), else None. Call only when :func:`_has_surrogate_escape`."""
+    where = _surrogate_path(obj)
+    if where is None:
+        return None
+    return DataError(
+        "a \\uDXXX escape that is half of a UTF-16 surrogate pair, not a character (not valid UTF-8)",
+        ref=ref,
+        field=where,
+        reason=NOT_UTF8,
     )
 
 
@@ -316,7 +357,7 @@ def parse_jsonl_line(raw: bytes, lineno: int, name: str, parser: "_JsonParser") 
         )
     if parser.found:
         return ref, _duplicate_key_error(parser.duplicates(obj), ref)
-    return ref, obj
+    return ref, (_has_surrogate_escape(text) and _surrogate_error(obj, ref)) or obj
 
 
 def iter_jsonl(path: Path) -> Iterator[Record]:
@@ -408,6 +449,7 @@ def iter_json(path: Path) -> Iterator[Record]:
         )
     if not obj:
         raise DataError("file is empty (no records)", file=name, reason=EMPTY_FILE, fatal=True)
+    has_escape = _has_surrogate_escape(text)
     for i, rec in enumerate(obj):
         ref = RowRef(name, i, "row")
         if not isinstance(rec, dict):
@@ -417,7 +459,7 @@ def iter_json(path: Path) -> Iterator[Record]:
         if dups:
             yield ref, _duplicate_key_error(dups, ref)
         else:
-            yield ref, rec
+            yield ref, (has_escape and _surrogate_error(rec, ref)) or rec
 
 
 def csv_columns_and_rows(path: Path) -> tuple[list[str], Iterator[Record]]:

@@ -88,7 +88,7 @@ STATS_VERSION = 1
 DUPLICATE = "duplicate"
 MAX_ROWS = "max_rows"
 WEIGHT_SAMPLING = "weight_sampling"
-ROW_GROUP_ROWS = 1 << 17  # rows per Parquet row group written
+ROW_GROUP_ROWS = 1 << 16  # rows per Parquet row group written
 _SAMPLE_ROWS = 50  # rows looked at to infer JSON columns and detect the format
 
 __all__ = ["prepare_dataset", "mix_targets", "split_groups", "derived_seed", "EMPTY_PROMPT", "SCORE_MARGIN"]
@@ -135,7 +135,7 @@ class SourceState:
 
 class PairStore:
     """The pairs that passed steps 1-2: Arrow batches spilled to ``path`` (IPC stream,
-    zstd) plus per-pair arrays for the global steps.
+    lz4) plus per-pair arrays for the global steps.
 
     Attributes (after :meth:`finish`; one entry per stored pair, in input order):
         source_idx: int32 index of the source; is_test: bool, read from the source's
@@ -157,7 +157,7 @@ class PairStore:
         if batch is None or batch.num_rows == 0:
             return
         if self._writer is None:
-            opts = pa.ipc.IpcWriteOptions(compression="zstd")
+            opts = pa.ipc.IpcWriteOptions(compression="lz4")
             self._writer = pa.ipc.new_stream(str(self.path), PAIR_SCHEMA, options=opts)
         self._writer.write_batch(batch)
         n = batch.num_rows
