@@ -7,7 +7,8 @@ with a second pair) and runs ``python -m flows.cli prep RECIPE --no-tokenize`` o
 every (rows, num_proc) combination, each in its own process tree. It prints wall time,
 rows/s (rows read / wall seconds, CLI start-up included), the CPU seconds of the process
 tree (user + system; on a shared, loaded machine wall time is not a measure of scaling,
-CPU seconds show the overhead of more processes), and two peaks:
+CPU seconds show the overhead of more processes, and the split between the CLI process
+and its workers shows the part that runs in parallel), and two peaks:
 
 * peak RSS (tree): the largest sum of the resident set sizes of the CLI process and its
   worker processes, sampled every 50 ms (psutil);
@@ -86,7 +87,9 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
     tmp.rename(path)
 
 
-def peak_tree_rss(proc: subprocess.Popen, peak: list[int], stop: threading.Event) -> None:
+def watch_tree(proc: subprocess.Popen, peak: list[int], cpu: dict[int, float], stop: threading.Event) -> None:
+    """Sample the process tree every 50 ms: the peak sum of RSS, and the last-seen CPU
+    seconds (user + system) of every process (``cpu[pid]``)."""
     import psutil
 
     try:
@@ -99,6 +102,8 @@ def peak_tree_rss(proc: subprocess.Popen, peak: list[int], stop: threading.Event
             for q in [p, *p.children(recursive=True)]:
                 try:
                     total += q.memory_info().rss
+                    t = q.cpu_times()
+                    cpu[q.pid] = t.user + t.system
                 except psutil.NoSuchProcess:
                     pass
         except psutil.NoSuchProcess:
@@ -126,8 +131,9 @@ def run_prep(data: Path, rows: int, num_proc: int, workdir: Path) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
+    cpu_by_pid: dict[int, float] = {}
     stop = threading.Event()
-    th = threading.Thread(target=peak_tree_rss, args=(proc, peak, stop), daemon=True)
+    th = threading.Thread(target=watch_tree, args=(proc, peak, cpu_by_pid, stop), daemon=True)
     th.start()
     out, err = proc.communicate()
     wall = time.perf_counter() - t0
@@ -144,6 +150,9 @@ def run_prep(data: Path, rows: int, num_proc: int, workdir: Path) -> dict:
         "num_proc": num_proc,
         "wall_s": wall,
         "cpu_s": cpu,
+        # sampled: the CLI process (reading, spill, global steps, Parquet writing) vs the workers
+        "cpu_main_s": cpu_by_pid.get(proc.pid, 0.0),
+        "cpu_workers_s": sum(v for k, v in cpu_by_pid.items() if k != proc.pid),
         "rows_per_s": stats["rows_read"] / wall,
         "peak_rss_tree_gib": peak[0] / 2**30,
         # ru_maxrss of RUSAGE_CHILDREN is a running maximum: only meaningful when it grew
@@ -175,7 +184,7 @@ def main() -> None:
             mp = f"{r['peak_rss_max_proc_gib']:.2f}" if r["peak_rss_max_proc_gib"] is not None else "n/a"
             print(
                 f"rows {rows:>9,}  num_proc {n}  {r['wall_s']:7.1f} s  {r['rows_per_s']:>9,.0f} rows/s  "
-                f"cpu {r['cpu_s']:6.1f} s  "
+                f"cpu {r['cpu_s']:6.1f} s (main {r['cpu_main_s']:.1f} + workers {r['cpu_workers_s']:.1f})  "
                 f"peak RSS tree {r['peak_rss_tree_gib']:.2f} GiB  max process {mp} GiB  "
                 f"kept {r['rows_kept']:,}  dropped {r['dropped']}",
                 flush=True,
