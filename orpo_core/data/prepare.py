@@ -10,7 +10,8 @@ the sources, splits train/test and writes, atomically::
 
 Order of operations (each drop is counted under its reason):
 
-1. per row: read (``malformed_json``, ``not_utf8``), normalize / binarize
+1. per row: read (``malformed_json``, ``not_utf8``, ``duplicate_key``, ``malformed_csv``),
+   check against the file's format (``foreign_keys``), normalize / binarize
    (row-level ``DataError`` reasons, or ``tie`` / ``below_margin`` / ``unscored`` /
    ``prompt_mismatch`` / ``identical`` / ``empty_completion`` from :class:`DropRow`);
 2. per pair: ``empty_prompt``, ``empty_completion`` (an empty or whitespace-only
