@@ -277,7 +277,11 @@ def test_corpus_matches_its_generator(tmp_path):
 
     subprocess.run([sys.executable, str(CORPUS / "make_corpus.py"), str(tmp_path)], check=True)
     made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    committed = sorted(p.relative_to(CORPUS) for p in CORPUS.rglob("*") if p.is_file() and p.suffix != ".py")
+    committed = sorted(
+        p.relative_to(CORPUS)
+        for p in CORPUS.rglob("*")
+        if p.is_file() and p.suffix != ".py" and not p.name.startswith(".")
+    )
     assert made == committed
     for rel in made:
         if rel.suffix == ".parquet":
