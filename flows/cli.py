@@ -7,6 +7,11 @@ they report to the server it names. Every command takes ``--set section.key=valu
 overrides (repeatable), applied before the recipe is validated.
 
 Exit codes: 0 success, 1 a stage failed, 2 bad recipe / bad input / usage.
+
+Output: stdout carries only the command's result (JSON; YAML for ``validate``), so
+``orpo run RECIPE | python -c 'import json,sys; json.load(sys.stdin)'`` works. While a
+command runs, everything else written to stdout (transformers' log dicts, tqdm,
+Prefect, subprocesses) goes to stderr. Messages on stderr are not hard-wrapped.
 """
 
 from __future__ import annotations
@@ -20,12 +25,57 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ORPO alignment pipeline (Prefect-orchestrated).")
-console = Console(stderr=True)
+# soft_wrap: no hard line breaks at 80 columns when stderr is a file or a pipe (the terminal wraps itself)
+console = Console(stderr=True, soft_wrap=True)
+_result_stream = None  # where the result goes while stdout is routed to stderr (see _route_stdout)
 
 RecipeArg = typer.Argument(..., help="recipe YAML file, e.g. recipes/quickstart.yaml")
 SetOpt = typer.Option(None, "--set", "-s", help="override, section.key=value (repeatable)")
+
+
+@app.callback()
+def _route_stdout(ctx: typer.Context) -> None:
+    """Send all stdout output to stderr while a command runs; keep stdout for its result."""
+    global _result_stream
+    try:
+        real_fd = sys.stdout.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # in-process runners (typer.testing.CliRunner)
+        real_fd = False
+    if real_fd:  # redirect file descriptor 1 itself, so subprocesses and C code follow
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(2, 1)
+        _result_stream = os.fdopen(os.dup(saved), "w", encoding="utf-8")
+
+        def restore() -> None:
+            global _result_stream
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            if _result_stream is not None:
+                _result_stream.close()
+            _result_stream = None
+
+    else:
+        _result_stream, original = sys.stdout, sys.stdout
+        sys.stdout = sys.stderr
+
+        def restore() -> None:
+            global _result_stream
+            sys.stdout = original
+            _result_stream = None
+
+    ctx.call_on_close(restore)
+
+
+def _print_result(text: str) -> None:
+    """Write the command's result to the real stdout (see :func:`_route_stdout`)."""
+    out = _result_stream or sys.stdout
+    out.write(text + "\n")
+    out.flush()
 
 
 def _setup_env() -> None:
@@ -44,7 +94,7 @@ def _load(recipe: str, overrides: Optional[list[str]]):
     try:
         return load_recipe(recipe, overrides or [])
     except RecipeError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
 
 
@@ -63,19 +113,19 @@ def _fail(e: BaseException) -> None:
     except ImportError:  # pragma: no cover
         pass
     code = 2 if isinstance(e, bad_input) else 1
-    console.print(f"[red]error:[/red] {type(e).__name__}: {e}")
+    console.print(f"[red]error:[/red] {type(e).__name__}: {escape(str(e))}")
     raise typer.Exit(code) from None
 
 
 def _print_json(obj) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str))
+    _print_result(json.dumps(obj, indent=2, default=str))
 
 
 @app.command()
 def validate(recipe: str = RecipeArg, set_: Optional[list[str]] = SetOpt) -> None:
     """Validate a recipe and print it fully resolved (defaults filled in)."""
     r = _load(recipe, set_)
-    typer.echo(r.to_yaml())
+    _print_result(r.to_yaml())
 
 
 @app.command()

@@ -164,7 +164,7 @@ class DataConfig(_Strict):
     max_length: int = Field(1024, gt=1, description="prompt + completion tokens")
     max_prompt_length: int = Field(512, gt=0)
     num_proc: int = Field(
-        1, ge=1, description="processes for tokenization (datasets.map, >= 1000 rows each); preparation uses one"
+        1, ge=1, description="processes for preparation (files over one 8 MiB chunk) and tokenization (>= 1000 rows each)"
     )
     cache_dir: str | None = None
 
@@ -494,13 +494,47 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] 
     return out
 
 
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the recipe schema accepts in the mapping at ``loc`` (``("data", "sources", 0)``), or []."""
+    import inspect
+    import types
+    import typing
+
+    def options(t: Any) -> list[Any]:
+        if typing.get_origin(t) in (typing.Union, types.UnionType):
+            return [o for a in typing.get_args(t) for o in options(a)]
+        return [t]
+
+    t: Any = Recipe
+    for part in loc:
+        nxt = None
+        for o in options(t):
+            if isinstance(part, int) and typing.get_origin(o) in (list, tuple):
+                nxt = typing.get_args(o)[0]
+            elif isinstance(part, str) and inspect.isclass(o) and issubclass(o, BaseModel) and part in o.model_fields:
+                nxt = o.model_fields[part].annotation
+            if nxt is not None:
+                break
+        if nxt is None:
+            return []
+        t = nxt
+    return [k for o in options(t) if inspect.isclass(o) and issubclass(o, BaseModel) for k in o.model_fields]
+
+
 def _format_errors(err: ValidationError, where: str) -> str:
+    import difflib
+
     lines = [f"invalid recipe {where}:"]
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+            key = e["loc"][-1] if e["loc"] else None
+            if isinstance(key, str):
+                close = difflib.get_close_matches(key, _keys_at(tuple(e["loc"][:-1])), n=1, cutoff=0.6)
+                if close:
+                    msg += f" (did you mean {close[0]!r}?)"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 

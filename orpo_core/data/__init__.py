@@ -8,6 +8,7 @@ Submodules:
 * :mod:`orpo_core.data.formats`  format detection and per-row normalization
   (standard, conversational, hh, sharegpt, ratings).
 * :mod:`orpo_core.data.binarize` rated completions -> (chosen, rejected) pairs.
+* :mod:`orpo_core.data.chunked`  chunked normalization and cleaning, in ``data.num_proc`` processes.
 * :mod:`orpo_core.data.prepare`  ``prepare_dataset(recipe, out_dir)``: the whole stage.
 * :mod:`orpo_core.data.tokenize` (tokenization stage, separate owner).
 

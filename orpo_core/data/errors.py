@@ -27,6 +27,9 @@ BAD_CONVERSATION = "bad_conversation"
 TOO_FEW_COMPLETIONS = "too_few_completions"
 BAD_SCORE = "bad_score"
 BAD_VALUE = "bad_value"
+MALFORMED_CSV = "malformed_csv"  # a CSV row whose number of fields differs from the header
+DUPLICATE_KEY = "duplicate_key"  # a JSON object with the same key twice
+FOREIGN_KEYS = "foreign_keys"  # a row carrying the keys of another format than its file's
 # Whole-source reasons (always fatal)
 EMPTY_FILE = "empty_file"
 MISSING_COLUMN = "missing_column"
@@ -92,9 +95,21 @@ class DataError(ValueError):
         parts.append(message)
         super().__init__(": ".join(parts))
 
+    def __reduce__(self):  # keep every attribute across processes (worker -> parent)
+        return (_rebuild_data_error, (str(self), self.detail, self.file, self.row, self.field, self.reason, self.fatal))
+
     def at(self, ref: RowRef) -> "DataError":
         """Return a copy located at ``ref`` (used when a helper raised without a location)."""
         return DataError(self.detail, ref=ref, field=self.field, reason=self.reason, fatal=self.fatal)
+
+
+def _rebuild_data_error(
+    message: str, detail: str, file: str | None, row: str | None, field: str | None, reason: str, fatal: bool
+) -> DataError:
+    err = DataError.__new__(DataError)
+    ValueError.__init__(err, message)
+    err.detail, err.file, err.row, err.field, err.reason, err.fatal = detail, file, row, field, reason, fatal
+    return err
 
 
 class DropRow(Exception):

@@ -33,6 +33,13 @@ column names; AutoTrain's ``prompt_text_column`` / ``text_column`` /
 ``rejected_text_column`` are accepted as aliases of ``prompt`` / ``chosen`` /
 ``rejected``.
 
+Detection is per file: each file of a source (each file of a folder) gets its own
+format, judged on its first rows by majority (:func:`resolve_file_format`), and
+every row is then checked against it (:meth:`FileLayout.check`): a row that
+carries the keys of another format (``responses`` + ``scores`` or
+``conversations`` in a ``standard`` file) is a row-level ``foreign_keys`` error
+naming those keys, never a reason to read the file as another format.
+
 Structural problems inside a well-formed pair source (chosen and rejected that
 do not share a prompt ending with a user turn, a rated row where all scores tie)
 are not errors: the row is dropped with a reason (:class:`DropRow`) and counted.
@@ -43,6 +50,7 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import math
 import random
 import re
 from collections import Counter
@@ -55,6 +63,7 @@ from orpo_core.data.errors import (
     BAD_CONFIG,
     BAD_CONVERSATION,
     BAD_SCORE,
+    FOREIGN_KEYS,
     MISSING_COLUMN,
     MISSING_FIELD,
     NON_STRING,
@@ -132,6 +141,9 @@ class ColumnMap:
                     fatal=True,
                 )
             self.mapping[canonical] = col
+        self._inverse: dict[str, tuple[str, ...]] = {}  # source column -> canonical names it holds
+        for c in CANONICAL_COLUMNS:
+            self._inverse[self.col(c)] = self._inverse.get(self.col(c), ()) + (c,)
 
     def col(self, canonical: str) -> str:
         """The source column holding ``canonical``."""
@@ -198,6 +210,93 @@ def detect_format(present: set[str], sample: list[dict[str, Any]], cmap: ColumnM
             return "hh"
         return "standard"
     return None
+
+
+#: the canonical columns each format reads
+FORMAT_KEYS: dict[str, frozenset[str]] = {
+    "standard": frozenset({"prompt", "chosen", "rejected", "system", "score_chosen", "score_rejected", "metadata"}),
+    "conversational": frozenset(
+        {"prompt", "chosen", "rejected", "system", "score_chosen", "score_rejected", "metadata"}
+    ),
+    "hh": frozenset({"chosen", "rejected"}),
+    "sharegpt": frozenset({"conversations", "chosen", "rejected", "system"}),
+    "ratings": frozenset({"prompt", "instruction", "completions", "responses", "scores"}),
+}
+#: formats that share a key layout (standard / conversational / hh differ only in value types)
+FAMILY = {"standard": "pair", "conversational": "pair", "hh": "pair", "sharegpt": "sharegpt", "ratings": "ratings"}
+#: the keys that make a row fit a family (see :func:`row_family`)
+SIGNATURE_KEYS = frozenset({"chosen", "rejected", "conversations", "completions", "responses", "scores"})
+_FAMILY_NAME = {"pair": "standard/conversational/hh", "sharegpt": "sharegpt", "ratings": "ratings"}
+
+
+def row_family(keys: set[str] | frozenset[str]) -> str | None:
+    """The key layout one row fits, from its canonical keys with a non-null value.
+
+    ``completions`` or ``responses`` + ``scores`` -> ``"ratings"``; ``conversations`` ->
+    ``"sharegpt"``; ``chosen`` + ``rejected`` -> ``"pair"``; else None (too few keys to tell,
+    left to the row's normalizer, which names the missing field).
+    """
+    if "completions" in keys or ("responses" in keys and "scores" in keys):
+        return "ratings"
+    if "conversations" in keys:
+        return "sharegpt"
+    if "chosen" in keys and "rejected" in keys:
+        return "pair"
+    return None
+
+
+def row_keys(rec: dict[str, Any], cmap: ColumnMap) -> set[str]:
+    """Canonical names whose column is in ``rec`` with a value (not None, not "": an empty CSV cell)."""
+    inverse = cmap._inverse
+    return {c for k, v in rec.items() if k in inverse and v is not None and v != "" for c in inverse[k]}
+
+
+@dataclass
+class FileLayout:
+    """The format of one file and what its rows may carry.
+
+    Attributes:
+        name: the file (for messages).
+        fmt: the format used to normalize the file's rows.
+        family: the key layout most of the sampled rows fit (:func:`row_family`), or
+            None when no sampled row had enough keys to tell.
+        present: canonical columns of the file's layout (sampled rows of that family,
+            or the schema of a columnar file).
+        votes: rows of the sample that fit ``family`` / rows sampled.
+    """
+
+    name: str
+    fmt: str
+    family: str | None
+    present: frozenset[str]
+    cmap: ColumnMap
+    votes: tuple[int, int] = (0, 0)
+
+    def check(self, rec: dict[str, Any], ref: RowRef) -> None:
+        """Raise when ``rec`` carries the keys of another format than its file's.
+
+        Raises:
+            DataError: ``foreign_keys`` (row-level) naming the line and the keys that do not belong.
+        """
+        if self.family is None:
+            return
+        keys = row_keys(rec, self.cmap)
+        fam = row_family(keys)
+        if fam is None or fam == self.family:
+            return
+        foreign = sorted((keys & SIGNATURE_KEYS) - self.present - FORMAT_KEYS[self.fmt])
+        if not foreign:
+            return  # e.g. a row lacking one key of the file's layout: its normalizer names the missing field
+        cols = [self.cmap.col(k) for k in foreign]
+        raise DataError(
+            f"key{'s' if len(cols) > 1 else ''} {', '.join(repr(c) for c in cols)} "
+            f"belong{'' if len(cols) > 1 else 's'} to the {_FAMILY_NAME[fam]} format, but this file is "
+            f"{self.fmt} ({self.votes[0]} of the first {self.votes[1]} rows); "
+            f"remove {'them' if len(cols) > 1 else 'it'}, or move the row to a file of its own",
+            ref=ref,
+            field=cols[0],
+            reason=FOREIGN_KEYS,
+        )
 
 
 def closest_format(present: set[str]) -> str:
@@ -363,6 +462,8 @@ def annotation_score(annotations: Any, field: str) -> float | None:
         items = ann if isinstance(ann, list) else [ann]
         for it in items:
             raw = it.get("Rating") if isinstance(it, dict) else it
+            if isinstance(raw, float) and not math.isfinite(raw):
+                to_score(raw, f"{field}.{aspect}.Rating")  # raises bad_score
             try:
                 v = to_score(raw, f"{field}.{aspect}.Rating")
             except DataError:
@@ -393,6 +494,7 @@ class Normalizer:
     src: SourceConfig
     rng: random.Random
     counters: Counter = field(default_factory=Counter)
+    layout: FileLayout | None = None  # when set, every row is checked against its file's layout first
 
     def __post_init__(self) -> None:
         handlers: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {
@@ -407,6 +509,8 @@ class Normalizer:
     def __call__(self, rec: Any, ref: RowRef) -> list[dict[str, Any]]:
         if not isinstance(rec, dict):
             raise DataError(f"expected a record (mapping), got {type(rec).__name__}", ref=ref, reason=NON_STRING)
+        if self.layout is not None:
+            self.layout.check(rec, ref)
         try:
             return self._handler(rec)
         except DataError as e:
@@ -556,6 +660,70 @@ class Normalizer:
         return [self._out(prompt, responses[i], responses[j], scores[i], scores[j]) for i, j in pairs]
 
 
+def resolve_file_format(
+    src: SourceConfig,
+    cmap: ColumnMap,
+    columns: Iterable[str] | None,
+    sample: list[dict[str, Any]],
+    where: RowRef | str,
+    name: str | None = None,
+) -> FileLayout:
+    """The format of one file (``src.format`` or detected), after checking its required columns.
+
+    Each sampled row votes for the key layout it fits (:func:`row_family`); the
+    layout of most rows (the earliest on a tie) is the file's, and only rows of
+    that layout are used to infer JSON columns and pick the format, so a stray
+    row never decides the format of the others.
+
+    Args:
+        columns: the schema columns of a columnar file (CSV, Parquet, Hub), or None (JSON).
+        sample: the first readable records of the file.
+        where: the location for missing-column errors (the first record).
+
+    Raises:
+        DataError: ``missing_column`` (fatal) naming the missing column, the closest
+            present column and the format it was needed for.
+    """
+    keyed = [(row_keys(r, cmap), r) for r in sample]
+    votes: Counter = Counter()
+    first_seen: dict[str, int] = {}
+    for i, (k, _) in enumerate(keyed):
+        fam = row_family(k)
+        if fam is not None:
+            votes[fam] += 1
+            first_seen.setdefault(fam, i)
+    family = min(votes, key=lambda f: (-votes[f], first_seen[f])) if votes else None
+    rows = [r for k, r in keyed if row_family(k) == family] if family else sample
+    row_present: set[str] = set().union(*(k for k, _ in keyed if family is None or row_family(k) == family))
+    if columns is not None:
+        cols = set(columns)
+        # the schema's signature columns of another layout (null in this layout's rows) do not count
+        present = (cmap.present(cols) - SIGNATURE_KEYS) | row_present if family else cmap.present(cols)
+    else:
+        cols = {str(k) for r in rows for k in r}
+        present = cmap.present(cols)
+    # a mapped column that does not exist is an error even if the format could do without it
+    for canonical, col in cmap.mapping.items():
+        if col not in cols:
+            raise missing_column_error(
+                canonical, cmap, cols, where, src.format if src.format != "auto" else "configured"
+            )
+    fmt = src.format if src.format != "auto" else detect_format(present, rows, cmap)
+    if fmt is None:
+        fmt = closest_format(present)
+    for need in required_columns(fmt, present):
+        if need not in present:
+            raise missing_column_error(need, cmap, cols, where, fmt)
+    return FileLayout(
+        name=name or str(where),
+        fmt=fmt,
+        family=family,
+        present=frozenset(present),
+        cmap=cmap,
+        votes=(votes[family] if family else 0, len(sample)),
+    )
+
+
 def resolve_format(
     src: SourceConfig,
     cmap: ColumnMap,
@@ -563,24 +731,5 @@ def resolve_format(
     sample: list[dict[str, Any]],
     where: RowRef | str,
 ) -> str:
-    """The source's format (``src.format`` or detected), after checking its required columns.
-
-    Raises:
-        DataError: ``missing_column`` (fatal) naming the missing column, the closest
-            present column and the format it was needed for.
-    """
-    cols = set(columns)
-    # a mapped column that does not exist is an error even if the format could do without it
-    for canonical, col in cmap.mapping.items():
-        if col not in cols:
-            raise missing_column_error(
-                canonical, cmap, cols, where, src.format if src.format != "auto" else "configured"
-            )
-    present = cmap.present(cols)
-    fmt = src.format if src.format != "auto" else detect_format(present, sample, cmap)
-    if fmt is None:
-        fmt = closest_format(present)
-    for need in required_columns(fmt, present):
-        if need not in present:
-            raise missing_column_error(need, cmap, cols, where, fmt)
-    return fmt
+    """The format name of :func:`resolve_file_format` (kept for callers that need only the name)."""
+    return resolve_file_format(src, cmap, columns, sample, where).fmt

@@ -10,7 +10,8 @@ the sources, splits train/test and writes, atomically::
 
 Order of operations (each drop is counted under its reason):
 
-1. per row: read (``malformed_json``, ``not_utf8``), normalize / binarize
+1. per row: read (``malformed_json``, ``not_utf8``, ``duplicate_key``, ``malformed_csv``),
+   check against the file's format (``foreign_keys``), normalize / binarize
    (row-level ``DataError`` reasons, or ``tie`` / ``below_margin`` / ``unscored`` /
    ``prompt_mismatch`` / ``identical`` / ``empty_completion`` from :class:`DropRow`);
 2. per pair: ``empty_prompt``, ``empty_completion`` (an empty or whitespace-only
@@ -31,6 +32,13 @@ Order of operations (each drop is counted under its reason):
    sources are split with ``data.test_size`` per source, grouped by prompt so the
    same prompt never lands in both train and test (seeded).
 
+Memory: steps 1-2 run chunk by chunk (:mod:`orpo_core.data.chunked`, in
+``data.num_proc`` processes for large files); the pairs that pass them are spilled
+as Arrow batches to a file in the temporary output folder, and steps 3-6 work on
+per-pair arrays (keys, source, flags: about 50 bytes a pair), so no step holds one
+Python object per row. The Parquet files are then written batch by batch from the
+spill, in input order.
+
 Accounting in ``stats.json``: ``rows_read + pairs_added_by_binarize ==
 rows_kept + dropped_total`` (``pairs_added_by_binarize`` is the number of extra
 pairs when ``all_pairs`` turns one row into several; 0 otherwise), overall, per
@@ -40,6 +48,7 @@ source and per input split.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -47,38 +56,45 @@ import random
 import shutil
 import uuid
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from orpo_core.config import Recipe, SourceConfig
-from orpo_core.data.errors import NO_ROWS, DataError, DropRow, RowRef
-from orpo_core.data.formats import (
-    EMPTY_COMPLETION,
-    IDENTICAL,
-    ColumnMap,
-    Normalizer,
-    resolve_format,
+from orpo_core.data.chunked import (
+    EMPTY_PROMPT,
+    KEY_DTYPE,
+    MAX_ERROR_EXAMPLES,
+    SCORE_MARGIN,
+    Chunk,
+    ChunkContext,
+    ChunkResult,
+    ChunkRunner,
+    jsonl_chunks,
+    parquet_chunks,
+    record_chunks,
 )
-from orpo_core.data.loading import RawSource, open_source
-from orpo_core.data.schema import (
-    check_completion,
-    check_prompt,
-    to_messages,
-    to_score,
-    write_pairs,
-)
+from orpo_core.data.errors import NO_ROWS, DataError, RowRef
+from orpo_core.data.formats import ColumnMap, resolve_file_format
+from orpo_core.data.loading import JSONL_SUFFIXES, PARQUET_SUFFIXES, RawFile, RawSource, _has_suffix, open_source
+from orpo_core.data.schema import PAIR_SCHEMA
 
 log = logging.getLogger(__name__)
 
 STATS_VERSION = 1
-EMPTY_PROMPT = "empty_prompt"
-SCORE_MARGIN = "score_margin"
 DUPLICATE = "duplicate"
 MAX_ROWS = "max_rows"
 WEIGHT_SAMPLING = "weight_sampling"
-MAX_ERROR_EXAMPLES = 3
+ROW_GROUP_ROWS = 1 << 16  # rows per Parquet row group written
 _SAMPLE_ROWS = 50  # rows looked at to infer JSON columns and detect the format
+
+__all__ = ["prepare_dataset", "mix_targets", "split_groups", "derived_seed", "EMPTY_PROMPT", "SCORE_MARGIN"]
 
 
 def derived_seed(seed: int, *parts: object) -> int:
@@ -108,25 +124,78 @@ class SplitCounts:
 
 
 @dataclass
-class Pair:
-    """A normalized pair with bookkeeping (which source and input split it came from)."""
-
-    row: dict[str, Any]
-    source_idx: int
-    split: str  # "train" (the source's main split) or "test" (its test_split)
-    order: int
-
-
-@dataclass
 class SourceState:
     src: SourceConfig
     label: str
-    format: str | None = None
+    format: str | None = None  # the one format of all its files, or "mixed"
     files: list[str] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)  # file -> format
     counts: dict[str, SplitCounts] = field(default_factory=dict)
     binarize: Counter = field(default_factory=Counter)
     error_examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     out: Counter = field(default_factory=Counter)  # rows per output split
+
+
+class PairStore:
+    """The pairs that passed steps 1-2: Arrow batches spilled to ``path`` (IPC stream,
+    lz4) plus per-pair arrays for the global steps.
+
+    Attributes (after :meth:`finish`; one entry per stored pair, in input order):
+        source_idx: int32 index of the source; is_test: bool, read from the source's
+        ``test_split``; pair_key / prompt_key: ``S20`` digests; source_id: int32 index
+        into ``source_names`` (the ``source`` column); multi_turn / with_system /
+        with_scores: bool.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self._parts: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.source_names: list[str] = []
+        self._source_ids: dict[str, int] = {}
+        self.n = 0
+
+    def add(self, res: ChunkResult, source_idx: int, is_test: bool) -> None:
+        batch = res.batch
+        if batch is None or batch.num_rows == 0:
+            return
+        if self._writer is None:
+            opts = pa.ipc.IpcWriteOptions(compression="lz4")
+            self._writer = pa.ipc.new_stream(str(self.path), PAIR_SCHEMA, options=opts)
+        self._writer.write_batch(batch)
+        n = batch.num_rows
+        enc = pc.dictionary_encode(batch.column("source"))
+        ids = np.array([self._source_id(s) for s in enc.dictionary.to_pylist()], dtype=np.int32)
+        self._parts["source_id"].append(ids[enc.indices.to_numpy(zero_copy_only=False)])
+        self._parts["source_idx"].append(np.full(n, source_idx, dtype=np.int32))
+        self._parts["is_test"].append(np.full(n, is_test, dtype=bool))
+        for name in ("pair_key", "prompt_key", "multi_turn", "with_system", "with_scores"):
+            self._parts[name].append(getattr(res, name))
+        self.n += n
+
+    def _source_id(self, name: str) -> int:
+        if name not in self._source_ids:
+            self._source_ids[name] = len(self.source_names)
+            self.source_names.append(name)
+        return self._source_ids[name]
+
+    def finish(self) -> None:
+        """Close the spill file and concatenate the per-pair arrays."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        dtypes = {"source_id": np.int32, "source_idx": np.int32, "is_test": bool, "pair_key": KEY_DTYPE,
+                  "prompt_key": KEY_DTYPE, "multi_turn": bool, "with_system": bool, "with_scores": bool}
+        for name, dt in dtypes.items():
+            parts = self._parts.pop(name, [])
+            setattr(self, name, np.concatenate(parts) if parts else np.zeros(0, dtype=dt))
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """The spilled batches, in input order (read one at a time, not memory-mapped)."""
+        if not self.path.exists():
+            return
+        with pa.OSFile(str(self.path)) as f:
+            yield from pa.ipc.open_stream(f)
 
 
 # --------------------------------------------------------------------------- reading
@@ -159,26 +228,6 @@ def _synthetic_records(
     return name, ((RowRef(name, i, "row"), r) for i, r in enumerate(rows))
 
 
-def _normalize_synthetic(rec: dict[str, Any], ref: RowRef) -> list[dict[str, Any]]:
-    try:
-        prompt = check_prompt(to_messages(rec["prompt"], "prompt", "user"))
-        chosen = check_completion(to_messages(rec["chosen"], "chosen", "assistant"), "chosen")
-        rejected = check_completion(to_messages(rec["rejected"], "rejected", "assistant"), "rejected")
-        return [
-            {
-                "prompt": prompt,
-                "chosen": chosen,
-                "rejected": rejected,
-                "score_chosen": to_score(rec.get("score_chosen"), "score_chosen"),
-                "score_rejected": to_score(rec.get("score_rejected"), "score_rejected"),
-                "source": rec.get("source"),
-                "constraints": rec.get("constraints"),
-            }
-        ]
-    except DataError as e:
-        raise e.at(ref) from None
-
-
 def _peek(
     records: Iterator[tuple[RowRef, Any]], n: int
 ) -> tuple[list[tuple[RowRef, Any]], Iterator[tuple[RowRef, Any]]]:
@@ -194,8 +243,23 @@ def _peek(
     return buf, records
 
 
-def _read_split(recipe: Recipe, st: SourceState, idx: int, which: str, pairs: list[Pair]) -> None:
-    """Read one input split of one source into ``pairs``, counting drops in ``st``."""
+def _chunks_of(part: RawFile, buf: list, rest: Iterator) -> Iterator[Chunk]:
+    """The chunks of one file: raw line blocks for local JSON Lines, record batches for
+    local Parquet (both re-read from the start: the sample was only for detection),
+    record lists otherwise."""
+    if part.path is not None and _has_suffix(part.path, JSONL_SUFFIXES):
+        getattr(rest, "close", lambda: None)()
+        return jsonl_chunks(part.path, part.name)
+    if part.path is not None and _has_suffix(part.path, PARQUET_SUFFIXES):
+        getattr(rest, "close", lambda: None)()
+        return parquet_chunks(part.path, part.name)
+    return record_chunks(itertools.chain(buf, rest), part.name)
+
+
+def _read_split(
+    recipe: Recipe, st: SourceState, idx: int, which: str, store: PairStore, runner: ChunkRunner
+) -> None:
+    """Read one input split of one source into ``store``, counting reads and drops in ``st``."""
     data = recipe.data
     src = st.src
     counts = st.counts.setdefault(which, SplitCounts())
@@ -207,93 +271,58 @@ def _read_split(recipe: Recipe, st: SourceState, idx: int, which: str, pairs: li
         name, records = _synthetic_records(src, recipe.seed, which, data.test_size)
         st.format = "synthetic"
         st.files.append(name)
-        normalize = _normalize_synthetic
-    else:
-        raw: RawSource = open_source(src, which, data.cache_dir)
-        buf, rest = _peek(raw.records, _SAMPLE_ROWS)
+        st.formats[name] = "synthetic"
+        ctx = ChunkContext("synthetic", None, None, None, st.label, data.on_error, data.min_score_margin)
+        _collect(st, counts, runner.run(ctx, record_chunks(records, name), rng), store, idx, which)
+        return
+    raw: RawSource = open_source(src, which, data.cache_dir)
+    cmap = ColumnMap(src.columns, raw.name)
+    for part in raw.parts:
+        buf, rest = _peek(part.records, _SAMPLE_ROWS)
         sample = [r for _, r in buf if isinstance(r, dict)]
         if not sample:  # every row is unreadable: the format cannot be known, so this is fatal
             if buf and data.on_error == "raise":
                 raise buf[0][1]
             first = f" (first: {buf[0][1]})" if buf else ""
-            raise DataError(f"no readable record in {len(buf)} rows{first}", file=raw.name, reason=NO_ROWS, fatal=True)
-        columns = raw.columns if raw.columns is not None else sorted({k for r in sample for k in r})
-        first_ref = next(ref for ref, r in buf if isinstance(r, dict))
-        cmap = ColumnMap(src.columns, raw.name)
-        fmt = resolve_format(src, cmap, columns, sample, first_ref)
-        if st.format is not None and st.format != fmt:
             raise DataError(
-                f"test_split has format {fmt!r} but the main split has {st.format!r}; set 'format:'",
-                file=raw.name,
-                reason="bad_config",
-                fatal=True,
+                f"no readable record in {len(buf)} rows{first}", file=part.name, reason=NO_ROWS, fatal=True
             )
-        st.format = fmt
-        st.files.extend(raw.files or [raw.name])
-        normalizer = Normalizer(fmt, cmap, src, rng, st.binarize)
-        normalize = normalizer
-
-        def chained() -> Iterator[tuple[RowRef, Any]]:
-            yield from buf
-            yield from rest
-
-        records = chained()
-
-    for ref, rec in records:
-        counts.read += 1
-        try:
-            if isinstance(rec, DataError):
-                raise rec
-            rows = normalize(rec, ref)
-        except DataError as e:
-            if e.fatal or data.on_error == "raise":
-                raise
-            counts.dropped[e.reason] += 1
-            if len(st.error_examples[e.reason]) < MAX_ERROR_EXAMPLES:
-                st.error_examples[e.reason].append(str(e))
-            continue
-        except DropRow as d:
-            counts.dropped[d.reason] += 1
-            continue
-        counts.pairs_added_by_binarize += len(rows) - 1
-        for row in rows:
-            row["source"] = row.get("source") or st.label
-            row["origin"] = ref.origin
-            pairs.append(Pair(row, idx, which, len(pairs)))
+        first_ref = next(ref for ref, r in buf if isinstance(r, dict))
+        layout = resolve_file_format(src, cmap, part.columns, sample, first_ref, part.name)
+        st.formats[part.name] = layout.fmt
+        st.files.append(part.name)
+        ctx = ChunkContext(layout.fmt, cmap, src, layout, st.label, data.on_error, data.min_score_margin)
+        _collect(st, counts, runner.run(ctx, _chunks_of(part, buf, rest), rng), store, idx, which)
+    fmts = set(st.formats.values())
+    st.format = fmts.pop() if len(fmts) == 1 else "mixed"
 
 
-# --------------------------------------------------------------------------- cleaning
-def _clean_reason(row: dict[str, Any], min_margin: float | None) -> str | None:
-    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-    if not prompt[-1]["content"].strip():
-        return EMPTY_PROMPT
-    if not chosen or not rejected or any(not m["content"].strip() for m in chosen + rejected):
-        return EMPTY_COMPLETION
-    if [m["content"].strip() for m in chosen] == [m["content"].strip() for m in rejected]:
-        return IDENTICAL
-    sc, sr = row.get("score_chosen"), row.get("score_rejected")
-    if min_margin is not None and sc is not None and sr is not None and sc - sr < min_margin:
-        return SCORE_MARGIN
-    return None
+def _collect(
+    st: SourceState, counts: SplitCounts, results: Iterator[ChunkResult], store: PairStore, idx: int, which: str
+) -> None:
+    """Add chunk results (in input order) to the counts and the store; raise the first row error."""
+    for res in results:
+        counts.read += res.read
+        counts.pairs_added_by_binarize += res.pairs_added_by_binarize
+        counts.dropped.update(res.dropped)
+        st.binarize.update(res.binarize)
+        for reason, msgs in res.examples.items():
+            ex = st.error_examples[reason]
+            ex.extend(msgs[: max(0, MAX_ERROR_EXAMPLES - len(ex))])
+        if res.error is not None:
+            raise res.error
+        store.add(res, idx, which == "test")
 
 
-def _pair_key(row: dict[str, Any]) -> bytes:
-    payload = json.dumps([row["prompt"], row["chosen"], row["rejected"]], ensure_ascii=False, sort_keys=True)
-    return hashlib.sha1(payload.encode()).digest()
-
-
-def _prompt_key(row: dict[str, Any]) -> str:
-    return json.dumps(row["prompt"], ensure_ascii=False, sort_keys=True)
-
-
-def _sample(items: list[Pair], k: int, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """Seeded sample of ``k`` items, returned in original order, plus the rest."""
-    if k >= len(items):
-        return items, []
-    chosen = set(random.Random(seed).sample(range(len(items)), k))
-    keep = [p for i, p in enumerate(items) if i in chosen]
-    rest = [p for i, p in enumerate(items) if i not in chosen]
-    return keep, rest
+# --------------------------------------------------------------------------- global steps
+def _sample_mask(n: int, k: int, seed: int) -> np.ndarray:
+    """Boolean mask of a seeded sample of ``k`` of ``n`` positions (all when ``k >= n``);
+    the positions are ``random.Random(seed).sample(range(n), k)``."""
+    mask = np.ones(n, dtype=bool)
+    if k < n:
+        mask[:] = False
+        mask[np.fromiter(random.Random(seed).sample(range(n), k), dtype=np.int64, count=k)] = True
+    return mask
 
 
 def mix_targets(available: list[int], weights: list[float]) -> list[int]:
@@ -312,34 +341,112 @@ def mix_targets(available: list[int], weights: list[float]) -> list[int]:
     return [min(a, int(round(s * n_mix))) for a, s in zip(available, shares)]
 
 
-def split_by_prompt(items: list[Pair], test_size: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """Seeded train/test split in which all pairs sharing a prompt stay together.
+def split_groups(keys: np.ndarray, test_size: float, seed: int) -> np.ndarray:
+    """Seeded train/test split in which all pairs sharing a prompt key stay together.
 
-    Prompt groups are shuffled and moved to test until it holds at least
-    ``round(test_size * n)`` pairs (at least one when ``test_size > 0`` and there
-    are two or more groups); train is never emptied.
+    Prompt groups, in order of first appearance, are shuffled (``random.Random(seed)``)
+    and moved to test until it holds at least ``round(test_size * n)`` pairs (at least
+    one when ``test_size > 0`` and there are two or more groups); the last group in
+    shuffled order always stays in train, so train is never emptied.
+
+    Args:
+        keys: one prompt key per pair (any numpy dtype ``np.unique`` sorts), in input order.
 
     Returns:
-        (train, test), each in original order.
+        a boolean mask, True for the pairs that go to test.
     """
-    if test_size <= 0 or not items:
-        return items, []
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, p in enumerate(items):
-        groups[_prompt_key(p.row)].append(i)
-    keys = list(groups)
-    if len(keys) < 2:
-        return items, []
-    random.Random(seed).shuffle(keys)
-    target = max(1, int(round(test_size * len(items))))
-    test_idx: set[int] = set()
-    for k in keys[:-1]:  # the last group always stays in train
-        if len(test_idx) >= target:
+    n = len(keys)
+    test = np.zeros(n, dtype=bool)
+    if test_size <= 0 or n == 0:
+        return test
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    n_groups = len(first)
+    if n_groups < 2:
+        return test
+    rank = np.empty(n_groups, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(n_groups)
+    group = rank[inverse.reshape(-1)]  # group number in order of first appearance
+    sizes = np.bincount(group, minlength=n_groups)
+    order = list(range(n_groups))
+    random.Random(seed).shuffle(order)
+    target = max(1, int(round(test_size * n)))
+    chosen = np.zeros(n_groups, dtype=bool)
+    count = 0
+    for g in order[:-1]:
+        if count >= target:
             break
-        test_idx.update(groups[k])
-    train = [p for i, p in enumerate(items) if i not in test_idx]
-    test = [p for i, p in enumerate(items) if i in test_idx]
-    return train, test
+        chosen[g] = True
+        count += int(sizes[g])
+    return chosen[group]
+
+
+def _select(recipe: Recipe, states: list[SourceState], store: PairStore) -> np.ndarray:
+    """Steps 3-6 on the stored pairs: returns 0 (dropped), 1 (train) or 2 (test) per pair,
+    counting drops in ``states``."""
+    data = recipe.data
+    n = store.n
+    src, is_test = store.source_idx, store.is_test
+    alive = np.ones(n, dtype=bool)
+
+    def drop(mask: np.ndarray, reason: str) -> None:
+        idx = np.flatnonzero(mask)
+        if len(idx) == 0:
+            return
+        combo = src[idx].astype(np.int64) * 2 + is_test[idx]
+        values, counts = np.unique(combo, return_counts=True)
+        for v, c in zip(values.tolist(), counts.tolist()):
+            states[v // 2].counts["test" if v % 2 else "train"].dropped[reason] += c
+        alive[idx] = False
+
+    # 3. global dedup, first occurrence kept
+    if data.dedup and n:
+        _, first = np.unique(store.pair_key, return_index=True)
+        dup = np.ones(n, dtype=bool)
+        dup[first] = False
+        drop(dup, DUPLICATE)
+
+    def main_rows(i: int) -> np.ndarray:
+        return np.flatnonzero(alive & (src == i) & ~is_test)
+
+    # 4. max_rows per source (main split only)
+    for i, st in enumerate(states):
+        if st.src.max_rows is not None:
+            rows = main_rows(i)
+            keep = _sample_mask(len(rows), st.src.max_rows, derived_seed(recipe.seed, "max_rows", i))
+            mask = np.zeros(n, dtype=bool)
+            mask[rows[~keep]] = True
+            drop(mask, MAX_ROWS)
+
+    # 5. weighted mix
+    if any(st.src.weight is not None for st in states):
+        weights = [st.src.weight if st.src.weight is not None else 1.0 for st in states]
+        per_source = [main_rows(i) for i in range(len(states))]
+        targets = mix_targets([len(x) for x in per_source], weights)
+        for i, k in enumerate(targets):
+            rows = per_source[i]
+            keep = _sample_mask(len(rows), k, derived_seed(recipe.seed, "weight", i))
+            mask = np.zeros(n, dtype=bool)
+            mask[rows[~keep]] = True
+            drop(mask, WEIGHT_SAMPLING)
+
+    # 6. split
+    out = np.zeros(n, dtype=np.int8)
+    out[alive & is_test] = 2
+    for i, st in enumerate(states):
+        rows = main_rows(i)
+        if _own_test_split(st.src):
+            out[rows] = 1
+        else:
+            to_test = split_groups(store.prompt_key[rows], data.test_size, derived_seed(recipe.seed, "split", i))
+            out[rows] = np.where(to_test, 2, 1)
+    for i, st in enumerate(states):
+        for which, flag in (("train", False), ("test", True)):
+            if which in st.counts:
+                sel = (src == i) & (is_test == flag)
+                st.counts[which].kept += int(np.count_nonzero(sel & (out > 0)))
+        st.out["train"] += int(np.count_nonzero((src == i) & (out == 1)))
+        st.out["test"] += int(np.count_nonzero((src == i) & (out == 2)))
+    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -357,11 +464,12 @@ def prepare_dataset(recipe: Recipe, out_dir: str | os.PathLike) -> dict[str, Any
     """Build ``train.parquet``, ``test.parquet`` and ``stats.json`` in ``out_dir``.
 
     Args:
-        recipe: the validated recipe; uses ``recipe.data`` and ``recipe.seed``.
-        out_dir: the stage folder (normally ``recipe.out_dir / "data"``). It is
-            replaced as a whole only after every file was written to a temporary
-            sibling folder; on error nothing is written and an existing folder is
-            left untouched.
+        recipe: the validated recipe; uses ``recipe.data`` (``num_proc`` processes read
+            large files) and ``recipe.seed``.
+        out_dir: the stage folder (normally ``recipe.out_dir / "data"``). Everything,
+            the temporary spill of normalized pairs included, is written to a temporary
+            sibling folder that replaces ``out_dir`` as a whole at the end; on error it
+            is removed and an existing ``out_dir`` is left untouched.
 
     Returns:
         the stats dict also written to ``stats.json`` (see module docstring).
@@ -376,86 +484,37 @@ def prepare_dataset(recipe: Recipe, out_dir: str | os.PathLike) -> dict[str, Any
     labels = _labels(data.sources)
     states = [SourceState(src, label) for src, label in zip(data.sources, labels)]
 
-    pairs: list[Pair] = []
-    for idx, st in enumerate(states):
-        _read_split(recipe, st, idx, "train", pairs)
-        if st.src.test_split is not None and st.src.synthetic is not None:
+    with _staging(out_dir) as tmp, ChunkRunner(data.num_proc) as runner:
+        store = PairStore(tmp / ".pairs.arrows")
+        for idx, st in enumerate(states):
+            _read_split(recipe, st, idx, "train", store, runner)
+            if st.src.test_split is not None and st.src.synthetic is not None:
+                raise DataError(
+                    "test_split is not supported for synthetic sources",
+                    file=st.label,
+                    reason="bad_config",
+                    fatal=True,
+                )
+            if _own_test_split(st.src) and (st.src.synthetic is None or data.test_size > 0):
+                _read_split(recipe, st, idx, "test", store, runner)
+        runner.close()
+        store.finish()
+        out = _select(recipe, states, store)
+        stats = _build_stats(recipe, states, store, out)
+        if not np.any(out == 1):
             raise DataError(
-                "test_split is not supported for synthetic sources", file=st.label, reason="bad_config", fatal=True
+                f"no training pairs left after cleaning (read {stats['rows_read']}, dropped {stats['dropped']})",
+                file=", ".join(labels),
+                reason=NO_ROWS,
+                fatal=True,
             )
-        if _own_test_split(st.src) and (st.src.synthetic is None or data.test_size > 0):
-            _read_split(recipe, st, idx, "test", pairs)
-
-    def drop(p: Pair, reason: str) -> None:
-        states[p.source_idx].counts[p.split].dropped[reason] += 1
-
-    # 2-3. pair-level cleaning and global dedup
-    seen: set[bytes] = set()
-    clean: list[Pair] = []
-    for p in pairs:
-        reason = _clean_reason(p.row, data.min_score_margin)
-        if reason is None and data.dedup:
-            key = _pair_key(p.row)
-            if key in seen:
-                reason = DUPLICATE
-            seen.add(key)
-        if reason is None:
-            clean.append(p)
-        else:
-            drop(p, reason)
-    del seen
-
-    # 4. max_rows per source (main split only)
-    per_source: list[list[Pair]] = [[] for _ in states]
-    test_from_split: list[Pair] = []
-    for p in clean:
-        (test_from_split if p.split == "test" else per_source[p.source_idx]).append(p)
-    for i, st in enumerate(states):
-        if st.src.max_rows is not None:
-            per_source[i], rest = _sample(per_source[i], st.src.max_rows, derived_seed(recipe.seed, "max_rows", i))
-            for p in rest:
-                drop(p, MAX_ROWS)
-
-    # 5. weighted mix
-    if any(st.src.weight is not None for st in states):
-        weights = [st.src.weight if st.src.weight is not None else 1.0 for st in states]
-        targets = mix_targets([len(x) for x in per_source], weights)
-        for i, k in enumerate(targets):
-            per_source[i], rest = _sample(per_source[i], k, derived_seed(recipe.seed, "weight", i))
-            for p in rest:
-                drop(p, WEIGHT_SAMPLING)
-
-    # 6. split
-    train: list[Pair] = []
-    test: list[Pair] = list(test_from_split)
-    for i, st in enumerate(states):
-        if _own_test_split(st.src):
-            train.extend(per_source[i])
-        else:
-            tr, te = split_by_prompt(per_source[i], data.test_size, derived_seed(recipe.seed, "split", i))
-            train.extend(tr)
-            test.extend(te)
-    train.sort(key=lambda p: p.order)
-    test.sort(key=lambda p: p.order)
-    for name, rows in (("train", train), ("test", test)):
-        for p in rows:
-            st = states[p.source_idx]
-            st.counts[p.split].kept += 1
-            st.out[name] += 1
-
-    stats = _build_stats(recipe, states, train, test)
-    if not train:
-        raise DataError(
-            f"no training pairs left after cleaning (read {stats['rows_read']}, dropped {stats['dropped']})",
-            file=", ".join(labels),
-            reason=NO_ROWS,
-            fatal=True,
-        )
-    _write_atomically(out_dir, train, test, stats)
+        _write_parquet(store, out, tmp)
+        store.path.unlink(missing_ok=True)
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     log.info(
         "prepared %d train / %d test pairs from %d rows (%s dropped: %s)",
-        len(train),
-        len(test),
+        stats["splits"]["train"]["rows"],
+        stats["splits"]["test"]["rows"],
         stats["rows_read"],
         stats["dropped_total"],
         stats["dropped"],
@@ -463,20 +522,54 @@ def prepare_dataset(recipe: Recipe, out_dir: str | os.PathLike) -> dict[str, Any
     return stats
 
 
-def _split_summary(rows: list[Pair]) -> dict[str, Any]:
-    by_source: Counter = Counter(p.row["source"] for p in rows)
+def _write_parquet(store: PairStore, out: np.ndarray, folder: Path) -> None:
+    """Write ``train.parquet`` / ``test.parquet`` (zstd, PAIR_SCHEMA) from the spill, batch by
+    batch, in input order; row groups of up to ``ROW_GROUP_ROWS`` rows."""
+    writers = {
+        code: pq.ParquetWriter(str(folder / f"{name}.parquet"), PAIR_SCHEMA, compression="zstd")
+        for code, name in ((1, "train"), (2, "test"))
+    }
+    pending: dict[int, list[pa.RecordBatch]] = {1: [], 2: []}
+    sizes = {1: 0, 2: 0}
+
+    def flush(code: int) -> None:
+        if pending[code]:
+            writers[code].write_table(pa.Table.from_batches(pending[code], schema=PAIR_SCHEMA))
+            pending[code], sizes[code] = [], 0
+
+    try:
+        offset = 0
+        for batch in store.batches():
+            where = out[offset : offset + batch.num_rows]
+            offset += batch.num_rows
+            for code in (1, 2):
+                mask = where == code
+                if mask.any():
+                    part = batch.filter(pa.array(mask))
+                    pending[code].append(part)
+                    sizes[code] += part.num_rows
+                    if sizes[code] >= ROW_GROUP_ROWS:
+                        flush(code)
+        for code in (1, 2):
+            flush(code)
+    finally:
+        for w in writers.values():
+            w.close()
+
+
+def _split_summary(store: PairStore, sel: np.ndarray) -> dict[str, Any]:
+    ids, counts = np.unique(store.source_id[sel], return_counts=True)
+    by_source = {store.source_names[i]: int(c) for i, c in zip(ids.tolist(), counts.tolist())}
     return {
-        "rows": len(rows),
+        "rows": int(np.count_nonzero(sel)),
         "by_source": dict(sorted(by_source.items())),
-        "multi_turn": sum(1 for p in rows if sum(m["role"] == "user" for m in p.row["prompt"]) > 1),
-        "with_system": sum(1 for p in rows if p.row["prompt"][0]["role"] == "system"),
-        "with_scores": sum(
-            1 for p in rows if p.row["score_chosen"] is not None and p.row["score_rejected"] is not None
-        ),
+        "multi_turn": int(np.count_nonzero(store.multi_turn[sel])),
+        "with_system": int(np.count_nonzero(store.with_system[sel])),
+        "with_scores": int(np.count_nonzero(store.with_scores[sel])),
     }
 
 
-def _build_stats(recipe: Recipe, states: list[SourceState], train: list[Pair], test: list[Pair]) -> dict[str, Any]:
+def _build_stats(recipe: Recipe, states: list[SourceState], store: PairStore, out: np.ndarray) -> dict[str, Any]:
     total = SplitCounts()
     sources: dict[str, Any] = {}
     errors: dict[str, list[str]] = {}
@@ -495,6 +588,7 @@ def _build_stats(recipe: Recipe, states: list[SourceState], train: list[Pair], t
             "path": st.src.path,
             "synthetic": st.src.synthetic.model_dump() if st.src.synthetic is not None else None,
             "format": st.format,
+            "formats": st.formats,
             "files": st.files,
             **src_total.as_dict(),
             "inputs": {
@@ -524,7 +618,7 @@ def _build_stats(recipe: Recipe, states: list[SourceState], train: list[Pair], t
         "dropped_total": t["dropped_total"],
         "accounting": "rows_read + pairs_added_by_binarize == rows_kept + dropped_total",
         "accounting_ok": t["read"] + t["pairs_added_by_binarize"] == t["kept"] + t["dropped_total"],
-        "splits": {"train": _split_summary(train), "test": _split_summary(test)},
+        "splits": {"train": _split_summary(store, out == 1), "test": _split_summary(store, out == 2)},
         "sources": sources,
         "error_examples": errors,
         "settings": {
@@ -536,8 +630,12 @@ def _build_stats(recipe: Recipe, states: list[SourceState], train: list[Pair], t
     }
 
 
-def _write_atomically(out_dir: Path, train: list[Pair], test: list[Pair], stats: dict[str, Any]) -> None:
-    """Write into a temporary sibling folder, then swap it in place of ``out_dir``."""
+
+
+@contextmanager
+def _staging(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling folder that replaces ``out_dir`` when the block succeeds and
+    is removed when it fails (an existing ``out_dir`` is then left untouched)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
@@ -545,9 +643,7 @@ def _write_atomically(out_dir: Path, train: list[Pair], test: list[Pair], stats:
     old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        write_pairs([p.row for p in train], tmp / "train.parquet")
-        write_pairs([p.row for p in test], tmp / "test.parquet")
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        yield tmp
         if out_dir.exists():
             out_dir.rename(old)
         tmp.rename(out_dir)

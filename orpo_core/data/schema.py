@@ -168,10 +168,12 @@ def check_completion(messages: list[Message], field: str) -> list[Message]:
 
 
 def to_score(value: Any, field: str) -> float | None:
-    """A score as float (None/NaN/"" -> None; numeric strings accepted).
+    """A score as float (None/"" -> None; numeric strings accepted).
 
     Raises:
-        DataError: ``bad_score`` for booleans, non-numeric strings and other types.
+        DataError: ``bad_score`` for booleans, non-numeric strings, other types, and
+            NaN or infinite values (``NaN`` / ``Infinity`` in JSON, ``nan`` / ``inf`` in CSV),
+            which would silently decide or void a comparison.
     """
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
@@ -191,7 +193,11 @@ def to_score(value: Any, field: str) -> float | None:
             raise DataError(
                 f"score must be a number, got {type(value).__name__} {short(value)}", field=field, reason=BAD_SCORE
             ) from None
-    return None if math.isnan(f) else f
+    if not math.isfinite(f):
+        raise DataError(
+            f"score must be a finite number, got {value!r}", field=field, reason=BAD_SCORE
+        )
+    return f
 
 
 def pairs_to_table(rows: list[dict[str, Any]]) -> pa.Table:
