@@ -1,0 +1,117 @@
+"""Against a real ``prefect server start`` (one per session, tests/prefect_server.py): the README's
+deployment commands, the server's scheduler, and a process worker running the pipeline.
+
+Tests in this module run in file order: the deployments registered by the first one are used by
+the later ones (each still checks what it needs).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prefect_server import ROOT, prefect_cli, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+README = ROOT / "README.md"
+
+
+def readme_server_commands() -> list[str]:
+    """The shell lines of the README's "real server with workers" block (comments stripped)."""
+    text = README.read_text()
+    start = text.index("To run on a real server with workers")
+    block = text[start:].split("```bash", 1)[1].split("```", 1)[0]
+    lines = []
+    for line in block.splitlines():
+        line = re.sub(r"\s+#.*$", "", line).strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
+def prefect_yaml_deployments(path: Path = ROOT / "prefect.yaml") -> list[dict]:
+    return yaml.safe_load(path.read_text())["deployments"]
+
+
+def _deployments(server) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+
+    with server.settings(), get_client(sync_client=True) as client:
+        return {d.name: d for d in client.read_deployments()}
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server):
+    """Run exactly the README's pool and deploy commands against the server; returns the deploy result."""
+    cmds = readme_server_commands()
+    pools = [c for c in cmds if c.startswith("prefect work-pool create")]
+    deploys = [c for c in cmds if c.startswith("prefect ") and " deploy " in f"{c} "]
+    assert len(pools) == 2 and len(deploys) == 1, cmds
+    t0 = time.monotonic()
+    for c in pools:
+        r = subprocess.run([sys.executable, "-m", *shlex.split(c)], cwd=ROOT, env=prefect_server.env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+    # ORPO_PROJECT_DIR unset when deploying (as the README recommends): the worker's value is read later
+    r = subprocess.run([sys.executable, "-m", *shlex.split(deploys[0])], cwd=ROOT, env=prefect_server.env(), capture_output=True, text=True, timeout=300)
+    print(f"README pool + deploy commands: {time.monotonic() - t0:.1f} s")
+    return r
+
+
+def test_readme_deploy_all_registers_every_deployment(prefect_server, deployed):
+    out = deployed.stdout + deployed.stderr
+    assert deployed.returncode == 0, out
+    assert "Would you like" not in out  # no interactive prompt
+    expected = {d["name"] for d in prefect_yaml_deployments()}
+    assert {"orpo-pipeline-gpu", "orpo-data-cpu", "orpo-sweep-alpha-beta", "orpo-retrain-weekly"} <= expected
+    got = _deployments(prefect_server)
+    assert expected <= set(got), (expected - set(got), out[-3000:])
+    # the optional Kubernetes deployment is not part of --all
+    assert "orpo-pipeline-k8s" not in got
+    # ORPO_PROJECT_DIR unset at deploy time: the template survives and each worker resolves it
+    pull = got["orpo-pipeline-gpu"].pull_steps
+    assert pull == [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $ORPO_PROJECT_DIR }}"}}]
+    assert got["orpo-retrain-weekly"].work_pool_name == "gpu-process"
+    assert got["orpo-data-cpu"].work_pool_name == "cpu-process"
+
+
+def test_scheduler_creates_retrain_runs(prefect_server, deployed):
+    """The retrain deployment with a short cron gets runs from the server's scheduler service
+    (fails with SQLAlchemy 2.1: `Can't evaluate bulk DML statement`)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    # a pool without workers, so nothing executes the scheduled runs
+    r = prefect_cli(prefect_server, "work-pool", "create", "schedule-test", "--type", "process")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = prefect_cli(prefect_server, "deploy", "-n", "orpo-retrain-weekly", "--cron", "*/5 * * * *", "--pool", "schedule-test", timeout_s=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    dep = _deployments(prefect_server)["orpo-retrain-weekly"]
+    assert "*/5 * * * *" in [s.schedule.cron for s in dep.schedules]
+
+    def scheduled():
+        with prefect_server.settings(), get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+            )
+        soon = [fr for fr in runs if fr.expected_start_time < datetime.now(timezone.utc) + timedelta(minutes=16)]
+        return soon if len(soon) >= 3 else None
+
+    t0 = time.monotonic()
+    runs = wait_for(scheduled, timeout_s=90, interval_s=1, what=f"3 scheduled runs (server log:\n{prefect_server.log_tail()})")
+    print(f"scheduler created {len(runs)} runs in {time.monotonic() - t0:.1f} s")
+    times = sorted(fr.expected_start_time for fr in runs)
+    assert all(t.minute % 5 == 0 and t.second == 0 for t in times)
+    assert all(fr.auto_scheduled for fr in runs)
+    assert "bulk DML" not in prefect_server.log_tail(100_000)
