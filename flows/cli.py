@@ -117,11 +117,13 @@ def train(
     _setup_env()
     r = _load(recipe, set_)
     from orpo_core.train import run_training
+    from tasks.run_lock import run_folder_lock
 
     out = r.out_dir
     try:
         r.require_model()
-        metrics = run_training(r, out / "tokenized", out / "train", resume=resume)
+        with run_folder_lock(out):  # not while an `orpo run` trains in the same folder
+            metrics = run_training(r, out / "tokenized", out / "train", resume=resume)
     except Exception as e:  # noqa: BLE001
         _fail(e)
     console.print(f"[green]model[/green] -> {out / 'train' / 'model'}")
@@ -172,9 +174,11 @@ def run(
     """Run the whole pipeline as a Prefect flow: prepare -> tokenize -> train -> evaluate -> push."""
     _setup_env()
     _load(recipe, set_)  # validate before starting Prefect
+    from flows.ephemeral_server import start_ephemeral_server
     from flows.pipeline import orpo_pipeline
 
     try:
+        start_ephemeral_server()  # without PREFECT_API_URL: a temporary server that dies with this process
         result = orpo_pipeline(recipe=recipe, overrides=list(set_ or []), push=push)
     except Exception as e:  # noqa: BLE001
         _fail(e)

@@ -110,9 +110,10 @@ class Stages:
         (model / "state.json").write_text(json.dumps({"alpha": recipe.orpo.alpha, "beta": recipe.orpo.beta, "n_rows": n_rows}))
         (model / "config.json").write_text("{}")
         (model / "model.safetensors").write_bytes(hashlib.sha256((model / "state.json").read_bytes()).digest())
-        metrics = {"train_loss": 0.25, "eval_loss": 0.5}
+        metrics = {"train_loss": 0.25, "eval_loss": 0.5, "train_runtime": 12.345678901}
         (out / "metrics.json").write_text(json.dumps(metrics))
-        (out / "log_history.json").write_text(json.dumps([{"step": 4, "loss": 0.25}]))
+        # the training log depends on train.logging_steps (the model does not): evaluation plots it
+        (out / "log_history.json").write_text(json.dumps([{"step": 4, "loss": 0.25, "every": recipe.train.logging_steps}]))
         return metrics
 
     def run_evaluation(self, recipe, model_dir, tokenized_dir, out_dir, base_model=None, log_history=None):
@@ -279,7 +280,7 @@ def test_transient_failure_retried_and_ui_artifacts(prefect_harness, stages, tmp
         train_run = next(t for t in runs if t.name.startswith("train"))
         assert train_run.run_count == 2
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fid])))
-        keys = ["flowtest-data-stats", "flowtest-eval-results", "flowtest-training-progress", "flowtest-model-card"]
+        keys = ["flowtest-data-stats", "flowtest-eval-results", "flowtest-training-progress", "flowtest-model-card", "flowtest-train-metrics"]
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
     messages = "\n".join(lg.message for lg in logs)
     assert "Retry 1/2" in messages
@@ -296,7 +297,18 @@ def test_transient_failure_retried_and_ui_artifacts(prefect_harness, stages, tmp
     eval_rows = json.loads(latest["flowtest-eval-results"].data)
     acc_row = next(row for row in eval_rows if row["metric"] == "preference/accuracy")
     assert acc_row["trained"] == acc_formula(1.0, 0.1, 9) and acc_row["base"] == 0.5
-    assert latest["flowtest-model-card"].type == "markdown" and "model-index" in latest["flowtest-model-card"].data
+    # the model card reads as markdown: no YAML front matter, metadata as a small table, no broken image
+    card = latest["flowtest-model-card"]
+    assert card.type == "markdown" and card.data.startswith("# orpo-flowtest\n")
+    assert "---\n" not in card.data.split("## ")[0] and "model-index" not in card.data
+    assert "| base model | `test-org/fake-model` |" in card.data and "| license | `apache-2.0` |" in card.data
+    assert "![" not in card.data
+    # tables: floats to 4 significant digits
+    train_rows = json.loads(latest["flowtest-train-metrics"].data)
+    assert {"key": "train_runtime", "value": 12.35} in train_rows
+    # progress: step / max steps, the latest loss and the ETA in the description
+    prog = latest["flowtest-training-progress"].description
+    assert "| step | 4 / 4 |" in prog and "| loss | 0.25 |" in prog and "| ETA | done |" in prog
 
 
 @pytest.mark.prefect
@@ -407,23 +419,41 @@ def test_retrain_publishes_only_improvements(prefect_harness, stages, tmp_path, 
     recipe = str(_write_recipe(tmp_path, hub={"push": True}))
 
     r1, s1, _ = _run(retrain, recipe=recipe)
-    assert r1["gate"]["publish"] and r1["gate"]["previous"] is None and len(uploads) == 1
+    assert r1["action"] == "published" and r1["gate"]["publish"] and r1["gate"]["previous"] is None and len(uploads) == 1
     record = json.loads((tmp_path / "run" / "published.json").read_text())
     assert record["metrics"]["preference/accuracy"] == acc_formula(1.0, 0.1, 9)
 
-    # same data: prepare is refreshed (reruns) but the identical content leaves the rest cached; no gain -> no push
+    # same data and recipe: skipped before any stage, nothing published, the decision recorded
     r2, s2, _ = _run(retrain, recipe=recipe)
-    assert s2["prepare"] == "Completed" and (s2["tokenize"], s2["train"], s2["evaluate"]) == ("Cached", "Cached", "Cached")
-    assert not r2["gate"]["publish"] and r2["gate"]["previous_source"] == "record" and len(uploads) == 1
-    assert "push" not in s2
+    assert r2["action"] == "skipped" and "unchanged" in r2["reason"] and s2 == {} and r2["stages"] == {}
+    assert len(uploads) == 1 and len(stages.calls["prepare"]) == 1
 
-    # fresh rows improve the stand-in metric -> published, record updated
+    # fresh rows improve the stand-in metric -> trained, evaluated, published, record updated
     with open(tmp_path / "pairs.jsonl", "a") as f:
         f.write("\n" + json.dumps({"prompt": "fresh", "chosen": "a", "rejected": "b"}))
     r3, s3, _ = _run(retrain, recipe=recipe)
-    assert r3["gate"]["publish"] and r3["gate"]["new"] > r3["gate"]["previous"] and len(uploads) == 2
-    assert s3["train"] == "Completed"
+    assert r3["action"] == "published" and r3["gate"]["new"] > r3["gate"]["previous"] and len(uploads) == 2
+    assert (s3["prepare"], s3["train"], s3["evaluate"]) == ("Completed", "Completed", "Completed")
     assert json.loads((tmp_path / "run" / "published.json").read_text())["metrics"]["preference/accuracy"] == acc_formula(1.0, 0.1, 10)
+
+    # forced on unchanged data: the stages are cached, the gate keeps the published model
+    r4, s4, _ = _run(retrain, recipe=recipe, force=True)
+    assert r4["action"] == "kept" and not r4["gate"]["publish"] and r4["gate"]["previous_source"] == "record"
+    assert (s4["tokenize"], s4["train"], s4["evaluate"]) == ("Cached", "Cached", "Cached") and "push" not in s4
+    assert len(uploads) == 2
+
+    lines = [json.loads(x) for x in (tmp_path / "run" / "retrain" / "decisions.jsonl").read_text().splitlines()]
+    assert [x["action"] for x in lines] == ["published", "skipped", "published", "kept"]
+    assert lines[0]["data"]["fingerprint"] == lines[1]["data"]["fingerprint"] != lines[2]["data"]["fingerprint"]
+    assert lines[2]["previous_data_fingerprint"] == lines[1]["data"]["fingerprint"]
+    assert json.loads((tmp_path / "run" / "retrain" / "last_decision.json").read_text())["action"] == "kept"
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["flowtest-retrain-decision"])))
+    md = [a.data for a in sorted(arts, key=lambda a: a.created)]
+    assert len(md) == 4 and md[1].startswith("# Retraining decision: skipped") and "| decision | **kept** |" in md[3]
 
 
 def test_sweep_task_runner_reads_env_per_run(monkeypatch):

@@ -115,3 +115,108 @@ def test_scheduler_creates_retrain_runs(prefect_server, deployed):
     assert all(t.minute % 5 == 0 and t.second == 0 for t in times)
     assert all(fr.auto_scheduled for fr in runs)
     assert "bulk DML" not in prefect_server.log_tail(100_000)
+
+
+def smoke_overrides(out_dir: Path) -> list[str]:
+    """recipes/quickstart.yaml shrunk to seconds: a 1-layer tiny model, 160 rows, 3 steps."""
+    return [
+        f"output_dir={out_dir}",
+        "model.tiny.hidden_size=32",
+        "model.tiny.intermediate_size=64",
+        "model.tiny.num_hidden_layers=1",
+        "data.sources.0.synthetic.n_rows=160",
+        "train.max_steps=3",
+        "train.logging_steps=1",
+        "train.save_steps=2",
+        "train.eval_steps=2",
+        "eval.bootstrap_samples=50",
+        "eval.max_new_tokens=4",
+    ]
+
+
+def _flow_run(server, flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    with server.settings(), get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def _task_states(server, flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with server.settings(), get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in runs}
+
+
+def _run_deployment_via_cli(server, out_dir: Path) -> str:
+    """`prefect deployment run` as in the README (+ smoke overrides); returns the flow run id."""
+    r = prefect_cli(
+        server,
+        "deployment",
+        "run",
+        "orpo-pipeline/orpo-pipeline-gpu",
+        "-p",
+        "recipe=recipes/quickstart.yaml",
+        "-p",
+        "overrides=" + json.dumps(smoke_overrides(out_dir)),
+        timeout_s=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = re.search(r"UUID:\s*([0-9a-f-]{36})", r.stdout)
+    assert m, r.stdout
+    return m.group(1)
+
+
+def test_process_worker_runs_pipeline_then_cached(prefect_server, deployed, tmp_path):
+    """A `prefect worker start --pool gpu-process` (README) runs the pipeline deployment to Completed;
+    a second run of the same parameters finds every stage Cached; the worker console shows each
+    project log line once."""
+    import os
+    import signal
+
+    out_dir = tmp_path / "smoke"
+    log_path = tmp_path / "worker.log"
+    env = prefect_server.env(ORPO_PROJECT_DIR=str(ROOT), PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_WORKER_PREFETCH_SECONDS="5")
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu-process"],
+            cwd=tmp_path,  # the pull step, not the worker's cwd, must put the run in the project
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        t0 = time.monotonic()
+        states = []
+        for attempt in range(2):
+            fid = _run_deployment_via_cli(prefect_server, out_dir)
+
+            def final():
+                fr = _flow_run(prefect_server, fid)
+                return fr if fr.state and fr.state.is_final() else None
+
+            fr = wait_for(final, timeout_s=600, interval_s=2, what=f"flow run {fid} (worker log:\n{log_path.read_text()[-4000:]})")
+            assert fr.state.is_completed(), (fr.state, log_path.read_text()[-6000:])
+            states.append(_task_states(prefect_server, fid))
+            print(f"worker run {attempt + 1}: {time.monotonic() - t0:.1f} s, {states[-1]}")
+        stages = ("prepare", "tokenize", "train", "evaluate")
+        assert [states[0][s] for s in stages] == ["Completed"] * 4
+        assert [states[1][s] for s in stages] == ["Cached"] * 4
+        assert json.loads((out_dir / "train" / "metrics.json").read_text())["global_step"] == 3
+        assert (out_dir / "eval" / "eval.json").is_file()
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=30)
+    console = log_path.read_text(errors="replace")
+    # one console line per log record: the train stage's summary line appears once (first run only)
+    finished = [line for line in console.splitlines() if "train finished in" in line]
+    assert len(finished) == 1, "\n".join(finished)
+    trainer_lines = [line for line in console.splitlines() if "***** Running training *****" in line]
+    assert len(trainer_lines) == 1, "\n".join(trainer_lines)
