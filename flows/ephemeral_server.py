@@ -23,17 +23,22 @@ PR_SET_PDEATHSIG = 1
 _POPEN = subprocess.Popen
 
 
-def _die_with_parent(parent_pid: int) -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def _die_with_parent(prctl: Any, parent_pid: int) -> None:  # runs in the child between fork and exec
+    prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os._exit(1)
 
 
-def _popen_dying_with_parent(*args: Any, **kwargs: Any) -> subprocess.Popen:
-    parent = os.getpid()
-    kwargs.setdefault("preexec_fn", lambda: _die_with_parent(parent))
-    return _POPEN(*args, **kwargs)
+def _popen_dying_with(prctl: Any):
+    """A ``subprocess.Popen`` whose children get SIGTERM when this process dies (``prctl`` is
+    resolved beforehand, in the parent: nothing but the syscall may run between fork and exec)."""
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen:
+        parent = os.getpid()
+        kwargs.setdefault("preexec_fn", lambda: _die_with_parent(prctl, parent))
+        return _POPEN(*args, **kwargs)
+
+    return popen
 
 
 def start_ephemeral_server() -> int | None:
@@ -54,7 +59,8 @@ def start_ephemeral_server() -> int | None:
     if not server.running:
         if sys.platform.startswith("linux"):
             # only uvicorn's Popen (start() runs it in this thread): patched for the call, restored after
-            server_mod.subprocess.Popen = _popen_dying_with_parent  # type: ignore[assignment]
+            prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+            server_mod.subprocess.Popen = _popen_dying_with(prctl)  # type: ignore[assignment]
             try:
                 server.start()
             finally:

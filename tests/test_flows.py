@@ -260,6 +260,46 @@ def test_deleted_or_changed_outputs_invalidate(prefect_harness, stages, tmp_path
 
 
 @pytest.mark.prefect
+def test_each_input_reruns_exactly_the_stages_that_read_it(prefect_harness, stages, tmp_path):
+    """Per stage, changing one input it reads reruns that stage and the stages whose inputs change
+    as a consequence, and nothing else (stand-in outputs depend only on what they are given)."""
+    from flows.pipeline import orpo_pipeline
+
+    tok_dir = tmp_path / "tokenizer"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.json").write_text('{"v": 1}')
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some raw text\n")
+    recipe_path = _write_recipe(tmp_path, model={"name_or_path": "test-org/fake-model", "tokenizer": str(tok_dir)}, eval={"corpus": str(corpus)})
+    recipe = str(recipe_path)
+    overrides: list[str] = []
+    _run(orpo_pipeline, recipe=recipe)
+
+    def appended_row():
+        with open(tmp_path / "pairs.jsonl", "a") as f:
+            f.write("\n" + json.dumps({"prompt": "q-extra", "chosen": "a", "rejected": "b"}))
+
+    R, C = "Completed", "Cached"
+    cases = [
+        # (what changes, how, expected states of prepare, tokenize, train, evaluate)
+        ("prepare: source file content", appended_row, (R, R, R, R)),
+        ("prepare: data.test_size", lambda: overrides.append("data.test_size=0.2"), (R, C, C, C)),
+        ("tokenize: local tokenizer files", lambda: (tok_dir / "tokenizer.json").write_text('{"v": 2}'), (C, R, R, R)),
+        ("prepare+tokenize: data.on_error (both read it)", lambda: overrides.append("data.on_error=skip"), (R, R, C, C)),
+        ("train: train.learning_rate", lambda: overrides.append("train.learning_rate=0.001"), (C, C, R, C)),
+        ("train+evaluate: train.logging_steps (the plotted log)", lambda: overrides.append("train.logging_steps=3"), (C, C, R, R)),
+        ("evaluate: eval.bootstrap_samples", lambda: overrides.append("eval.bootstrap_samples=77"), (C, C, C, R)),
+        ("evaluate: eval corpus content", lambda: corpus.write_text("other raw text\n"), (C, C, C, R)),
+        ("evaluate: orpo.beta is read by evaluation too", lambda: overrides.append("orpo.beta=0.3"), (C, C, R, R)),
+        ("nothing", lambda: None, (C, C, C, C)),
+    ]
+    for what, change, expected in cases:
+        change()
+        _, st, _ = _run(orpo_pipeline, recipe=recipe, overrides=list(overrides))
+        assert tuple(st[k] for k in ("prepare", "tokenize", "train", "evaluate")) == expected, what
+
+
+@pytest.mark.prefect
 def test_transient_failure_retried_and_ui_artifacts(prefect_harness, stages, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
