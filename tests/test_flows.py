@@ -376,6 +376,72 @@ def test_permanent_failure_fails_the_flow(prefect_harness, stages, tmp_path):
     assert stages.calls["bad"] == [1]
 
 
+@pytest.mark.prefect
+def test_only_transient_errors_are_retried(prefect_harness, stages, tmp_path):
+    """A permission error while writing a checkpoint fails at the first attempt, naming the path;
+    a CUDA out-of-memory error is retried (and the retry resumes)."""
+    import torch
+
+    from flows.pipeline import orpo_pipeline
+
+    real_train = stages.run_training
+    ckpt_file = tmp_path / "run" / "train" / "checkpoints" / "checkpoint-2" / "optimizer.pt"
+    errors = [PermissionError(13, "Permission denied", str(ckpt_file))]
+
+    def failing_train(recipe, tokenized_dir, out_dir, resume=True, callbacks=None):
+        stages.calls["attempts"].append(1)
+        if errors:
+            raise errors.pop(0)
+        return real_train(recipe, tokenized_dir, out_dir, resume=resume, callbacks=callbacks)
+
+    sys.modules["orpo_core.train"].run_training = failing_train
+    with pytest.raises(PermissionError) as info:
+        orpo_pipeline(recipe=str(_write_recipe(tmp_path)))
+    assert len(stages.calls["attempts"]) == 1 and "evaluate" not in stages.calls
+    assert str(ckpt_file) in str(info.value) and "\n" not in str(info.value)
+
+    errors.append(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    r, s, _ = _run(orpo_pipeline, recipe=str(_write_recipe(tmp_path)))
+    assert s["train"] == "Completed" and len(stages.calls["attempts"]) == 3
+
+
+def test_is_transient_classifies_errors():
+    import httpx
+    import torch
+
+    from tasks.common import is_transient
+
+    req = httpx.Request("POST", "https://huggingface.co/api/models")
+    transient = [
+        ConnectionResetError("reset by peer"),
+        TimeoutError("read timed out"),
+        httpx.ConnectError("connection refused"),
+        httpx.HTTPStatusError("429", request=req, response=httpx.Response(429, request=req)),
+        httpx.HTTPStatusError("503", request=req, response=httpx.Response(503, request=req)),
+        torch.OutOfMemoryError("CUDA out of memory"),
+        RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"),
+    ]
+    permanent = [
+        PermissionError(13, "Permission denied", "/runs/x/train/checkpoints"),
+        FileNotFoundError(2, "No such file", "/runs/x/tokenized/train.parquet"),
+        ValueError("orpo.beta must be > 0"),
+        httpx.HTTPStatusError("403", request=req, response=httpx.Response(403, request=req)),
+        OSError(28, "No space left on device"),
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
+        None,
+    ]
+    assert [is_transient(e) for e in transient] == [True] * len(transient)
+    assert [is_transient(e) for e in permanent] == [False] * len(permanent)
+    # a transient cause inside a wrapper counts; a permanent wrapper does not turn into transient
+    try:
+        try:
+            raise ConnectionResetError("reset")
+        except ConnectionResetError as e:
+            raise RuntimeError("data loader worker failed") from e
+    except RuntimeError as wrapped:
+        assert is_transient(wrapped)
+
+
 # --------------------------------------------------------------------------- sweep
 @pytest.mark.prefect
 def test_sweep_2x2(prefect_harness, stages, tmp_path, monkeypatch):
