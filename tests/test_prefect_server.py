@@ -57,12 +57,13 @@ def deployed(prefect_server):
     pools = [c for c in cmds if c.startswith("prefect work-pool create")]
     deploys = [c for c in cmds if c.startswith("prefect ") and " deploy " in f"{c} "]
     assert len(pools) == 2 and len(deploys) == 1, cmds
+    env = prefect_server.env()
+    env.pop("ORPO_PROJECT_DIR", None)  # unset when deploying (as the README recommends): the worker's value is read later
     t0 = time.monotonic()
     for c in pools:
-        r = subprocess.run([sys.executable, "-m", *shlex.split(c)], cwd=ROOT, env=prefect_server.env(), capture_output=True, text=True, timeout=120)
+        r = subprocess.run([sys.executable, "-m", *shlex.split(c)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
-    # ORPO_PROJECT_DIR unset when deploying (as the README recommends): the worker's value is read later
-    r = subprocess.run([sys.executable, "-m", *shlex.split(deploys[0])], cwd=ROOT, env=prefect_server.env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", *shlex.split(deploys[0])], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     print(f"README pool + deploy commands: {time.monotonic() - t0:.1f} s")
     return r
 
@@ -220,3 +221,86 @@ def test_process_worker_runs_pipeline_then_cached(prefect_server, deployed, tmp_
     assert len(finished) == 1, "\n".join(finished)
     trainer_lines = [line for line in console.splitlines() if "***** Running training *****" in line]
     assert len(trainer_lines) == 1, "\n".join(trainer_lines)
+
+
+def _pairs(path: Path, n: int, offset: int = 0) -> None:
+    rows = [
+        {"prompt": f"What is {a} + {a + 3}?", "chosen": str(2 * a + 3), "rejected": str(2 * a + 4)}
+        for a in range(offset, offset + n)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_retrain_over_two_data_versions(prefect_server, tmp_path, monkeypatch):
+    """The retrain flow against the real server (real tiny stages): v1 trains and publishes (first
+    publication), v1 again is skipped before any stage, v2 (new rows) trains and evaluates and the
+    gate decides; every decision lands in decisions.jsonl and the decision artifact."""
+    from types import SimpleNamespace
+
+    import orpo_core.hub as hub
+    from flows.retrain import retrain
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    uploads = []
+
+    class FakeApi:  # the Hub is not reachable from tests: record the upload instead
+        def create_repo(self, *a, **k):
+            pass
+
+        def upload_folder(self, **kw):
+            uploads.append(sorted(p.name for p in Path(kw["folder_path"]).iterdir()))
+            return SimpleNamespace(commit_url=f"https://huggingface.co/t/retrain/commit/{len(uploads)}")
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setattr(hub, "read_published_metrics", lambda *a, **k: None)
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 30)
+    data = tmp_path / "pairs.jsonl"
+    _pairs(data, 60)
+    recipe = tmp_path / "retrain.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "run_name": "retrain-test",
+                "output_dir": str(tmp_path / "run"),
+                "seed": 5,
+                "model": {"name_or_path": "tiny", "dtype": "float32", "tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}},
+                "data": {"sources": [{"path": str(data), "format": "standard"}], "test_size": 0.25, "max_length": 64, "max_prompt_length": 48},
+                "train": {"learning_rate": 1e-3, "max_steps": 3, "per_device_train_batch_size": 8, "logging_steps": 1},
+                "eval": {"bootstrap_samples": 20, "max_new_tokens": 2, "n_prompts": 1},
+                "hub": {"repo_id": "t/retrain", "push": True},
+            }
+        )
+    )
+    t0 = time.monotonic()
+    with prefect_server.settings():
+        v1 = retrain(recipe=str(recipe))
+        n1 = len(uploads)
+        t1 = time.monotonic()
+        same = retrain(recipe=str(recipe))
+        n2 = len(uploads)
+        t2 = time.monotonic()
+        _pairs(data, 90, offset=100)  # data version 2
+        v2 = retrain(recipe=str(recipe))
+        t3 = time.monotonic()
+        with get_client(sync_client=True) as client:
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-test-retrain-decision"])))
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler.flush()  # ship the runs' logs while the server is up
+    print(f"retrain v1 {t1 - t0:.1f} s, unchanged {t2 - t1:.1f} s, v2 {t3 - t2:.1f} s")
+    assert v1["action"] == "published" and v1["gate"]["previous"] is None and n1 == 1
+    assert "model.safetensors" in uploads[0] and "README.md" in uploads[0]
+    assert set(v1["stages"]) >= {"prepare", "tokenize", "train", "evaluate", "last_published", "push"}
+    assert same["action"] == "skipped" and same["stages"] == {} and n2 == 1
+    assert v2["data"]["fingerprint"] != v1["data"]["fingerprint"]
+    assert (v2["stages"]["prepare"], v2["stages"]["train"], v2["stages"]["evaluate"]) == ("Completed", "Completed", "Completed")
+    assert v2["gate"]["previous"] == v1["gate"]["new"] and v2["gate"]["previous_source"] == "record"
+    # published exactly when the gate says so
+    assert v2["action"] == ("published" if v2["gate"]["new"] > v2["gate"]["previous"] else "kept")
+    assert len(uploads) == (2 if v2["action"] == "published" else 1)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "retrain" / "decisions.jsonl").read_text().splitlines()]
+    assert [x["action"] for x in lines] == ["published", "skipped", v2["action"]]
+    assert all(x["flow_run_id"] for x in lines)
+    md = [a.data for a in sorted(arts, key=lambda a: a.created)]
+    assert len(md) == 3 and "| decision | **skipped** |" in md[1] and f"| decision | **{v2['action']}** |" in md[2]
