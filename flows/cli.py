@@ -1,9 +1,10 @@
 """The ``orpo`` command line.
 
 Stage commands (``prep``, ``train``, ``eval``) call ``orpo_core`` directly and need no
-Prefect server. Orchestrated commands (``run``, ``sweep``, ``push``) run Prefect flows:
-with ``PREFECT_API_URL`` unset Prefect starts its temporary local server, otherwise
-they report to the server it names. Every command takes ``--set section.key=value``
+Prefect server (``train`` holds the run-folder lock, :mod:`tasks.run_lock`). Orchestrated
+commands (``run``, ``sweep``, ``push``) run Prefect flows: with ``PREFECT_API_URL`` unset a
+temporary local server is started that dies with this process, also on ``kill -9``
+(:mod:`flows.ephemeral_server`), otherwise they report to the server it names. Every command takes ``--set section.key=value``
 overrides (repeatable), applied before the recipe is validated.
 
 Exit codes: 0 success, 1 a stage failed, 2 bad recipe / bad input / usage.
@@ -216,9 +217,11 @@ def sweep(
     _load(recipe, set_)
     g = parse_grid(grid)
     from orpo_core.config import apply_overrides  # noqa: F401 - validation of each point happens in the flow
+    from flows.ephemeral_server import start_ephemeral_server
     from flows.sweep import ablation_sweep
 
     try:
+        start_ephemeral_server()
         result = ablation_sweep(recipe=recipe, grid=g, overrides=list(set_ or []))
     except Exception as e:  # noqa: BLE001
         _fail(e)
@@ -234,9 +237,11 @@ def push(
     """Publish the trained model, tokenizer and model card to the Hugging Face Hub (token from HF_TOKEN)."""
     _setup_env()
     _load(recipe, set_)
+    from flows.ephemeral_server import start_ephemeral_server
     from flows.pipeline import push_flow
 
     try:
+        start_ephemeral_server()
         result = push_flow(recipe=recipe, overrides=list(set_ or []), dry_run=dry_run)
     except Exception as e:  # noqa: BLE001
         _fail(e)

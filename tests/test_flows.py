@@ -677,3 +677,35 @@ def test_grid_helpers():
     for bad in ({}, {"orpo.beta": 0.1}, {"orpo.beta": []}, {"not a key": [1]}):
         with pytest.raises(ValueError):
             expand_grid(bad)
+
+
+def test_run_folder_lock(tmp_path):
+    """One holder at a time (fail fast with the holder named, or wait); released on a clean exit
+    and when the holder is SIGKILLed, whose record is then handed to the next run."""
+    import signal
+    import subprocess
+
+    from tasks.run_lock import OWNER_NAME, RunFolderBusy, run_folder_lock
+
+    run = tmp_path / "run"
+    with run_folder_lock(run, flow_run_id="flow-a") as previous:
+        assert previous is None
+        assert json.loads((run / OWNER_NAME).read_text())["flow_run_id"] == "flow-a"
+        t0 = time.monotonic()
+        with pytest.raises(RunFolderBusy, match=rf"run folder {run} is in use by pid {os.getpid()} .*flow run flow-a"):
+            with run_folder_lock(run, timeout_s=0.5):
+                pass
+        assert 0.4 < time.monotonic() - t0 < 10  # waited for the timeout, then failed
+    assert not (run / OWNER_NAME).exists()
+    with run_folder_lock(run) as previous:  # free again after a clean exit
+        assert previous is None
+
+    code = (
+        "import os, signal, sys; from tasks.run_lock import run_folder_lock\n"
+        f"with run_folder_lock({str(run)!r}, flow_run_id='flow-killed'):\n"
+        "    print('held', flush=True); os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert proc.stdout.strip() == "held" and proc.returncode == -signal.SIGKILL
+    with run_folder_lock(run, timeout_s=0) as previous:  # the kernel released the dead holder's lock
+        assert previous["flow_run_id"] == "flow-killed"
