@@ -34,6 +34,8 @@ def _setup_env() -> None:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     # the temporary server's telemetry heartbeat fights the pipeline for the SQLite lock; no network anyway
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect gives its temporary server 20 s to start: not enough on a busy machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -10,7 +10,7 @@ Settings (environment variables, read when ``tasks`` is imported):
     ``PREFECT_RESULTS_LOCAL_STORAGE_PATH``). Workers on several hosts need a
     shared storage *and* a shared output folder for caching to carry over.
 ``ORPO_RETRIES`` / ``ORPO_RETRY_BACKOFF_S``
-    Retries per task (default 2; push: 3) and the first delay of the
+    Retries per task of transient errors only (:func:`is_transient`; default 2, push: 3) and the first delay of the
     exponential backoff (default 10 s: 10, 20, 40 ...).
 ``ORPO_CACHE_EXPIRATION_H``
     Optional lifetime of cached results in hours (default: none).

@@ -44,6 +44,8 @@ def clean_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, s
         TOKENIZERS_PARALLELISM="false",
         NO_COLOR="1",
         COLUMNS="200",
+        # a loaded CI machine can take longer than Prefect's 20 s to start a temporary server
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
     )
     env.update(extra or {})
     return env

@@ -287,7 +287,7 @@ def test_retrain_over_two_data_versions(prefect_server, tmp_path, monkeypatch):
             arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["retrain-test-retrain-decision"])))
         from prefect.logging.handlers import APILogHandler
 
-        APILogHandler.flush()  # ship the runs' logs while the server is up
+        APILogHandler().flush()  # ship the runs' logs while the server is up
     print(f"retrain v1 {t1 - t0:.1f} s, unchanged {t2 - t1:.1f} s, v2 {t3 - t2:.1f} s")
     assert v1["action"] == "published" and v1["gate"]["previous"] is None and n1 == 1
     assert "model.safetensors" in uploads[0] and "README.md" in uploads[0]
