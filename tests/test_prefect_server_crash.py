@@ -131,7 +131,7 @@ def test_sigkill_leaves_no_server_and_rerun_marks_crashed_and_resumes(tmp_path):
     finally:
         _kill(first)
     ckpt_step = max(int(p.name.split("-")[1]) for p in _checkpoints(run))
-    rerun = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(recipe)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(recipe)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-4000:]
     stamp = json.loads((run / "train" / ".stage.json").read_text())
     assert stamp["result"]["resumed"] is True and stamp["result"]["metrics"]["global_step"] == 40 and ckpt_step >= 2
