@@ -201,7 +201,13 @@ def test_process_worker_runs_pipeline_then_cached(prefect_server, deployed, tmp_
 
             fr = wait_for(final, timeout_s=600, interval_s=2, what=f"flow run {fid} (worker log:\n{log_path.read_text()[-4000:]})")
             assert fr.state.is_completed(), (fr.state, log_path.read_text()[-6000:])
-            states.append(_task_states(prefect_server, fid))
+
+            def settled():  # task run states reach the API as events, shortly after the flow run ends
+                st = _task_states(prefect_server, fid)
+                done = {"prepare", "tokenize", "train", "evaluate"} <= set(st) and all(v in ("Completed", "Cached", "Failed", "Crashed") for v in st.values())
+                return st if done else None
+
+            states.append(wait_for(settled, 60, 1, f"final task run states of {fid}"))
             print(f"worker run {attempt + 1}: {time.monotonic() - t0:.1f} s, {states[-1]}")
         stages = ("prepare", "tokenize", "train", "evaluate")
         assert [states[0][s] for s in stages] == ["Completed"] * 4
