@@ -1,9 +1,10 @@
 """The ``orpo`` command line.
 
 Stage commands (``prep``, ``train``, ``eval``) call ``orpo_core`` directly and need no
-Prefect server. Orchestrated commands (``run``, ``sweep``, ``push``) run Prefect flows:
-with ``PREFECT_API_URL`` unset Prefect starts its temporary local server, otherwise
-they report to the server it names. Every command takes ``--set section.key=value``
+Prefect server (``train`` holds the run-folder lock, :mod:`tasks.run_lock`). Orchestrated
+commands (``run``, ``sweep``, ``push``) run Prefect flows: with ``PREFECT_API_URL`` unset a
+temporary local server is started that dies with this process, also on ``kill -9``
+(:mod:`flows.ephemeral_server`), otherwise they report to the server it names. Every command takes ``--set section.key=value``
 overrides (repeatable), applied before the recipe is validated.
 
 Exit codes: 0 success, 1 a stage failed, 2 bad recipe / bad input / usage.
@@ -83,6 +84,8 @@ def _setup_env() -> None:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     # the temporary server's telemetry heartbeat fights the pipeline for the SQLite lock; no network anyway
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect gives its temporary server 20 s to start: not enough on a busy machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -167,11 +170,13 @@ def train(
     _setup_env()
     r = _load(recipe, set_)
     from orpo_core.train import run_training
+    from tasks.run_lock import run_folder_lock
 
     out = r.out_dir
     try:
         r.require_model()
-        metrics = run_training(r, out / "tokenized", out / "train", resume=resume)
+        with run_folder_lock(out):  # not while an `orpo run` trains in the same folder
+            metrics = run_training(r, out / "tokenized", out / "train", resume=resume)
     except Exception as e:  # noqa: BLE001
         _fail(e)
     console.print(f"[green]model[/green] -> {out / 'train' / 'model'}")
@@ -254,9 +259,11 @@ def run(
     """Run the whole pipeline as a Prefect flow: prepare -> tokenize -> train -> evaluate -> push."""
     _setup_env()
     _load(recipe, set_)  # validate before starting Prefect
+    from flows.ephemeral_server import start_ephemeral_server
     from flows.pipeline import orpo_pipeline
 
     try:
+        start_ephemeral_server()  # without PREFECT_API_URL: a temporary server that dies with this process
         result = orpo_pipeline(recipe=recipe, overrides=list(set_ or []), push=push)
     except Exception as e:  # noqa: BLE001
         _fail(e)
@@ -298,9 +305,11 @@ def sweep(
     _load(recipe, set_)
     g = parse_grid(grid)
     from orpo_core.config import apply_overrides  # noqa: F401 - validation of each point happens in the flow
+    from flows.ephemeral_server import start_ephemeral_server
     from flows.sweep import ablation_sweep
 
     try:
+        start_ephemeral_server()
         result = ablation_sweep(recipe=recipe, grid=g, overrides=list(set_ or []), fan_out=fan_out)
     except Exception as e:  # noqa: BLE001
         _fail(e)
@@ -316,9 +325,11 @@ def push(
     """Publish the trained model, tokenizer and model card to the Hugging Face Hub (token from HF_TOKEN)."""
     _setup_env()
     _load(recipe, set_)
+    from flows.ephemeral_server import start_ephemeral_server
     from flows.pipeline import push_flow
 
     try:
+        start_ephemeral_server()
         result = push_flow(recipe=recipe, overrides=list(set_ or []), dry_run=dry_run)
     except Exception as e:  # noqa: BLE001
         _fail(e)

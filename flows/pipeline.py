@@ -17,11 +17,12 @@ shared result storage, see ``tasks.common``), otherwise they simply run here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from prefect import flow
 
@@ -82,6 +83,62 @@ def write_published_record(out_dir: str | Path, recipe, eval_json: str | None, p
     return path
 
 
+def _current_flow_run_id() -> str | None:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else None
+
+
+def mark_abandoned_run_crashed(previous: dict[str, Any] | None) -> str | None:
+    """Set the flow run recorded by a run that died holding the folder (``kill -9``, power loss)
+    to *Crashed*, with its unfinished task runs, when the API still shows it unfinished.
+
+    Returns the id of the flow run marked Crashed, or None (nothing to do / not found).
+    """
+    fid = (previous or {}).get("flow_run_id")
+    if not fid or fid == _current_flow_run_id():
+        return None
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    log = run_logger()
+    message = (
+        f"its process (pid {previous.get('pid')} on {previous.get('host')}) ended without finishing; "
+        f"found by flow run {_current_flow_run_id()}"
+    )
+    with get_client(sync_client=True) as client:
+        try:
+            fr = client.read_flow_run(fid)
+        except ObjectNotFound:
+            return None
+        if fr.state is not None and fr.state.is_final():
+            return None
+        for tr in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id]))):
+            if tr.state is not None and not tr.state.is_final():
+                client.set_task_run_state(tr.id, Crashed(message=message), force=True)
+        client.set_flow_run_state(fr.id, Crashed(message=message), force=True)
+    log.warning("flow run %s (%s) was abandoned: marked Crashed", fr.name, fid)
+    return str(fid)
+
+
+@contextlib.contextmanager
+def run_folder(out_dir: str | Path) -> Iterator[None]:
+    """Own the run folder for the block (:func:`tasks.run_lock.run_folder_lock`: a second run on it
+    fails fast or waits, ``ORPO_RUN_LOCK_TIMEOUT_S``) and mark a run that died holding it Crashed."""
+    from tasks.run_lock import run_folder_lock
+
+    with run_folder_lock(out_dir, flow_run_id=_current_flow_run_id()) as previous:
+        if previous:
+            try:
+                mark_abandoned_run_crashed(previous)
+            except Exception as e:  # noqa: BLE001 - bookkeeping must not stop the rerun
+                run_logger().warning("could not mark the abandoned flow run %s Crashed: %s", previous.get("flow_run_id"), e)
+        yield
+
+
 def _remote_data_prep(recipe: str, overrides: list[str] | None) -> str | None:
     name = os.environ.get("ORPO_DATA_DEPLOYMENT")
     if not name:
@@ -133,6 +190,7 @@ def orpo_pipeline(recipe: str, overrides: list[str] | None = None, push: bool | 
 
     Raises:
         orpo_core.config.RecipeError: invalid recipe; any stage's error after its retries.
+        tasks.run_lock.RunFolderBusy: another live run holds the run folder.
     """
     r = load(recipe, overrides)
     d = r.to_dict()
@@ -143,6 +201,13 @@ def orpo_pipeline(recipe: str, overrides: list[str] | None = None, push: bool | 
     remote = _remote_data_prep(recipe, overrides)
     if remote:
         states["remote_data"] = remote
+    with run_folder(out):
+        return _pipeline_stages(r, d, out, states, push)
+
+
+def _pipeline_stages(r, d: dict[str, Any], out: Path, states: dict[str, str], push: bool | None) -> dict[str, Any]:
+    """The stages of :func:`orpo_pipeline`, run while the flow holds the run folder."""
+    log = run_logger()
     prep = run_stage(prepare_task, states, "prepare", recipe=d, out_dir=str(out / "data"))
     result: dict[str, Any] = {"run_name": r.run_name, "out_dir": str(out), "stages": states, "paths": {"data": prep["path"]}}
     if r.model is None:

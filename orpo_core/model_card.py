@@ -512,3 +512,53 @@ The complete recipe this model was trained with (`orpo run <recipe.yaml>`; secre
 def render_model_card(recipe: Recipe, eval_data: Mapping[str, Any] | None = None, **kwargs: Any) -> str:
     """README.md text of :func:`build_model_card` (same arguments)."""
     return str(build_model_card(recipe, eval_data, **kwargs))
+
+
+# --------------------------------------------------------------------------- UI rendering
+_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*\n", re.S)
+_LOCAL_IMAGE = re.compile(r"!\[([^\]]*)\]\((?!https?://|data:)([^)\s]+)\)")
+_UI_META_KEYS = ("base_model", "datasets", "license", "library_name", "pipeline_tag", "tags")
+
+
+def card_for_ui(card: str) -> str:
+    """The model card as plain markdown for a UI that does not read Hub metadata (Prefect's
+    markdown artifact): the YAML front matter becomes a small ``| field | value |`` table
+    (base model, datasets, license, library, pipeline tag, tags; the model-index duplicates the
+    metrics table of the body and is left out), and images with a relative path, which such a
+    UI cannot load, become a line naming the file.
+
+    Args:
+        card: README.md text (front matter optional).
+
+    Returns:
+        Markdown without front matter and without relative image links.
+    """
+    meta: dict[str, Any] = {}
+    m = _FRONT_MATTER.match(card)
+    body = card
+    if m:
+        try:
+            loaded = yaml.safe_load(m.group(1))
+            meta = loaded if isinstance(loaded, dict) else {}
+        except yaml.YAMLError:
+            meta = {}
+        body = card[m.end():]
+    body = _LOCAL_IMAGE.sub(lambda im: f"*{im.group(1) or 'image'}: `{im.group(2)}` in the model folder*", body)
+    rows = []
+    for key in _UI_META_KEYS:
+        value = meta.get(key)
+        if value in (None, "", []):
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(f"`{v}`" for v in value)
+        else:
+            value = f"`{value}`"
+        rows.append(f"| {key.replace('_', ' ')} | {value} |")
+    if not rows:
+        return body.lstrip("\n")
+    table = "\n".join(["| field | value |", "|---|---|", *rows])
+    # put the metadata right under the card's title when it starts with one
+    lines = body.lstrip("\n").split("\n", 1)
+    if lines[0].startswith("# "):
+        return f"{lines[0]}\n\n{table}\n" + (lines[1] if len(lines) > 1 else "")
+    return f"{table}\n\n{body.lstrip()}"

@@ -13,8 +13,10 @@ it produced is still on disk, unmodified. :class:`StageCachePolicy` (a Prefect 3
     a Hub dataset's ``revision``, or ``unpinned`` plus a time bucket so an
     unpinned Hub source is re-read at least once per bucket), for the other
     stages the content hash of the upstream stage's output folder
-    (:func:`dir_fingerprint`), plus files the stage reads (eval corpus,
-    lm-eval task files),
+    (:func:`dir_fingerprint`), plus files the stage reads: a local model or
+    tokenizer folder (tokenize, train, evaluate), the training log
+    ``train/log_history.json`` that evaluation plots, the eval corpus and the
+    lm-eval task files,
   * the code version: ``orpo_core.__version__`` and a sha256 of the
     orpo_core source files the stage runs (:data:`STAGE_CODE`),
   * the absolute output folder.
@@ -70,12 +72,14 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "model.tokenizer",
         "model.trust_remote_code",
         "model.chat_template",
-        "model.tiny.tokenizer",
+        "model.tiny",
         "data.max_length",
         "data.max_prompt_length",
+        "data.on_error",
+        "seed",
     ),
     "train": ("model", "orpo", "train", "peft", "seed", "data.max_length", "data.max_prompt_length"),
-    "evaluate": ("eval", "model", "seed", "data.max_length", "data.max_prompt_length"),
+    "evaluate": ("eval", "model", "seed", "orpo.beta", "data.max_length", "data.max_prompt_length"),
 }
 
 # orpo_core source files (globs relative to the package) whose code each stage runs;
@@ -235,6 +239,23 @@ def _eval_inputs_fingerprint(recipe: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def _local_model_fingerprint(recipe: Mapping[str, Any]) -> dict[str, str]:
+    """Content hashes of ``model.name_or_path`` / ``model.tokenizer`` when they are local files or
+    folders (a Hub id is covered by the recipe fields and ``model.revision``)."""
+    model = recipe.get("model") or {}
+    out: dict[str, str] = {}
+    for field in ("name_or_path", "tokenizer"):
+        value = model.get(field)
+        if value and value != "tiny" and not str(value).startswith("tiny:") and Path(str(value)).expanduser().exists():
+            out[field] = dir_fingerprint(Path(str(value)).expanduser())
+    return out
+
+
+def log_history_path(model_dir: str | Path) -> Path:
+    """The training log the evaluation plots: ``log_history.json`` next to the model folder."""
+    return Path(model_dir).parent / "log_history.json"
+
+
 def stage_base_key(stage: str, inputs: Mapping[str, Any]) -> str:
     """The content key of one stage run from the task's inputs (see module docstring).
 
@@ -255,12 +276,16 @@ def stage_base_key(stage: str, inputs: Mapping[str, Any]) -> str:
         parts["sources"] = [source_fingerprint(s) for s in recipe["data"]["sources"]]
     elif stage == "tokenize":
         parts["data"] = dir_fingerprint(inputs["data_dir"])
+        parts["local_model"] = _local_model_fingerprint(recipe)
     elif stage == "train":
         parts["tokenized"] = dir_fingerprint(inputs["tokenized_dir"])
+        parts["local_model"] = _local_model_fingerprint(recipe)
     elif stage == "evaluate":
         parts["model"] = dir_fingerprint(inputs["model_dir"])
         parts["tokenized"] = dir_fingerprint(inputs["tokenized_dir"])
+        parts["log_history"] = dir_fingerprint(log_history_path(inputs["model_dir"]))
         parts["inputs"] = _eval_inputs_fingerprint(recipe)
+        parts["local_model"] = _local_model_fingerprint(recipe)
         parts["compare_base"] = bool(inputs.get("compare_base", True))
     return hash_obj(parts)
 

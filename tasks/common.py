@@ -10,7 +10,7 @@ Settings (environment variables, read when ``tasks`` is imported):
     ``PREFECT_RESULTS_LOCAL_STORAGE_PATH``). Workers on several hosts need a
     shared storage *and* a shared output folder for caching to carry over.
 ``ORPO_RETRIES`` / ``ORPO_RETRY_BACKOFF_S``
-    Retries per task (default 2; push: 3) and the first delay of the
+    Retries per task of transient errors only (:func:`is_transient`; default 2, push: 3) and the first delay of the
     exponential backoff (default 10 s: 10, 20, 40 ...).
 ``ORPO_CACHE_EXPIRATION_H``
     Optional lifetime of cached results in hours (default: none).
@@ -77,10 +77,30 @@ def retry_options(default_retries: int = 2) -> dict[str, Any]:
     }
 
 
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError)
-"""Errors a retry cannot fix: bad recipe or data (RecipeError, DataError, EvalInputError are
-ValueErrors), missing files, programming errors. Anything else (OOM, I/O, network, a killed
-data loader) is retried, training resuming from its latest checkpoint."""
+def _is_cuda_oom(exc: BaseException) -> bool:
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (torch.cuda.OutOfMemoryError)
+        return True
+    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether a retry may help: network errors (connection, timeout), HTTP 429 / 5xx
+    (:func:`orpo_core.hub.is_transient_error`) and CUDA out-of-memory, looked for in the
+    exception and its causes. Everything else is permanent: bad recipe or data
+    (``RecipeError``, ``DataError``), missing files, permission errors, a full disk,
+    programming errors — a retry would fail the same way, so the task fails at once.
+    """
+    from orpo_core.hub import is_transient_error
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError, TypeError, KeyError)):
+            return False
+        if _is_cuda_oom(exc) or is_transient_error(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def state_exception(state: Any) -> BaseException | None:
@@ -95,15 +115,15 @@ def state_exception(state: Any) -> BaseException | None:
     return None
 
 
-def retry_unless_bad_input(task, task_run, state) -> bool:
-    """``retry_condition_fn`` of the cached stages: no retry for :data:`PERMANENT_ERRORS`."""
-    exc = state_exception(state)
-    return exc is not None and not isinstance(exc, PERMANENT_ERRORS)
+def retry_if_transient(task, task_run, state) -> bool:
+    """``retry_condition_fn`` of the cached stages: retry only :func:`is_transient` errors
+    (training resumes from its latest checkpoint)."""
+    return is_transient(state_exception(state))
 
 
 def cached_task_options(stage: str) -> dict[str, Any]:
     """Task options of a cached stage: content cache policy, persisted JSON results, retries
-    (exponential backoff, not for bad input: :func:`retry_unless_bad_input`)."""
+    (exponential backoff, only for transient errors: :func:`retry_if_transient`)."""
     from .caching import StageCachePolicy
 
     return {
@@ -113,7 +133,7 @@ def cached_task_options(stage: str) -> dict[str, Any]:
         "result_serializer": RESULT_SERIALIZER,
         "result_storage": result_storage(),
         "cache_expiration": cache_expiration(),
-        "retry_condition_fn": retry_unless_bad_input,
+        "retry_condition_fn": retry_if_transient,
         **retry_options(),
     }
 
@@ -190,14 +210,46 @@ def in_prefect_run() -> bool:
     return TaskRunContext.get() is not None or FlowRunContext.get() is not None
 
 
+SIG_DIGITS = 4
+
+
+def round_sig(x: float, digits: int = SIG_DIGITS) -> float:
+    """``x`` rounded to ``digits`` significant digits (non-finite values unchanged)."""
+    if not math.isfinite(x) or x == 0:
+        return x
+    return float(f"{x:.{digits}g}")
+
+
+def fmt_value(v: Any, digits: int = SIG_DIGITS) -> str:
+    """A value for people: floats to ``digits`` significant digits, None as ``-``."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def readable_rows(rows: list[dict[str, Any]], digits: int = SIG_DIGITS) -> list[dict[str, Any]]:
+    """Table rows with every float rounded to ``digits`` significant digits (ints, strings unchanged)."""
+
+    def one(v: Any) -> Any:
+        v = json_safe(v)
+        return round_sig(v, digits) if isinstance(v, float) else v
+
+    return [{str(k): one(v) for k, v in row.items()} for row in rows]
+
+
 def table_artifact(rows: list[dict[str, Any]], key: str, description: str) -> None:
-    """Create a table artifact when running under Prefect (no-op otherwise); failures only warn."""
+    """Create a table artifact when running under Prefect (no-op otherwise); failures only warn.
+
+    Floats are shown to 4 significant digits (:func:`readable_rows`); the files keep full precision.
+    """
     if not in_prefect_run() or not rows:
         return
     from prefect.artifacts import create_table_artifact
 
     try:
-        create_table_artifact(table=json_safe(rows), key=key, description=description)
+        create_table_artifact(table=readable_rows(rows), key=key, description=description)
     except Exception as e:  # noqa: BLE001 - the UI is best effort, the stage result is not
         run_logger().warning("could not create table artifact %s: %s", key, e)
 
@@ -250,10 +302,44 @@ def _extra_loggers() -> set[str]:
     return {n.strip() for n in names if n and n.strip()}
 
 
+_muted_lock = threading.Lock()
+_muted: dict[str, tuple[list[logging.Handler], bool, int]] = {}
+
+
+def _mute(lg: logging.Logger) -> None:
+    """Detach a forwarded logger's own handlers and stop propagation (refcounted across threads),
+    so each record is printed once, by Prefect's handlers, not also by the library's or the root's."""
+    with _muted_lock:
+        if lg.name in _muted:
+            handlers, propagate, n = _muted[lg.name]
+            _muted[lg.name] = (handlers, propagate, n + 1)
+            return
+        own = [h for h in lg.handlers if not isinstance(h, _ForwardToRunLogger)]
+        for h in own:
+            lg.removeHandler(h)
+        _muted[lg.name] = (own, lg.propagate, 1)
+        lg.propagate = False
+
+
+def _unmute(lg: logging.Logger) -> None:
+    with _muted_lock:
+        handlers, propagate, n = _muted[lg.name]
+        if n > 1:
+            _muted[lg.name] = (handlers, propagate, n - 1)
+            return
+        del _muted[lg.name]
+        for h in handlers:
+            lg.addHandler(h)
+        lg.propagate = propagate
+
+
 @contextlib.contextmanager
 def library_logs_to_run(names: tuple[str, ...] = ("transformers", "orpo_core"), level: int = logging.INFO) -> Iterator[None]:
     """Send the named libraries' logs (INFO and up) to the Prefect run logs during the block.
 
+    Each record becomes exactly one line on the console (Prefect's run-log handler prints it and
+    ships it to the API): the libraries' own handlers (transformers installs one) are detached and
+    propagation to the root logger is off during the block, restored after.
     Loggers already listed in ``PREFECT_LOGGING_EXTRA_LOGGERS`` are left alone
     (Prefect forwards them itself); outside a Prefect run this is a no-op.
     """
@@ -274,6 +360,7 @@ def library_logs_to_run(names: tuple[str, ...] = ("transformers", "orpo_core"), 
         old_level = lg.level
         if lg.getEffectiveLevel() > level:
             lg.setLevel(level)
+        _mute(lg)
         lg.addHandler(h)
         attached.append((lg, h, old_level))
     try:
@@ -281,16 +368,46 @@ def library_logs_to_run(names: tuple[str, ...] = ("transformers", "orpo_core"), 
     finally:
         for lg, h, old_level in attached:
             lg.removeHandler(h)
+            _unmute(lg)
             lg.setLevel(old_level)
 
 
 # --------------------------------------------------------------------------- progress
-def make_progress_callback(key: str, description: str = "training progress", min_interval_s: float = 5.0):
-    """A ``transformers.TrainerCallback`` that mirrors training progress in a Prefect progress artifact.
+PROGRESS_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "nll_loss", "log_odds_ratio", "eval_loss", "learning_rate")
 
-    Creates the artifact at ``on_train_begin`` (0-100 %, ``global_step / max_steps``),
-    updates it at most every ``min_interval_s`` seconds and at the end, and logs each
-    Trainer log dict (loss, rewards/...) to the run logger. Returns None outside Prefect.
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h {m:02d}m {s:02d}s" if h else (f"{m}m {s:02d}s" if m else f"{s}s")
+
+
+def progress_markdown(step: int, max_steps: int, epoch: float | None, latest: Mapping[str, Any], elapsed_s: float, eta_s: float | None, done: bool = False) -> str:
+    """The training-progress artifact's description: step / max steps, epoch, the latest logged
+    loss and rewards/accuracies (4 significant digits), elapsed time and ETA, as a markdown table."""
+    rows = [("step", f"{step} / {max_steps}" if max_steps else str(step))]
+    if epoch is not None:
+        rows.append(("epoch", f"{epoch:.2f}"))
+    for k in PROGRESS_METRICS:
+        if k in latest and latest[k] is not None:
+            rows.append((k, fmt_value(float(latest[k]))))
+    rows.append(("elapsed", _duration(elapsed_s)))
+    rows.append(("ETA", "done" if done else _duration(eta_s)))
+    return "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def make_progress_callback(key: str, description: str = "training progress", min_interval_s: float = 5.0):
+    """A ``transformers.TrainerCallback`` that mirrors training in a Prefect progress artifact.
+
+    The artifact (created at ``on_train_begin``) shows ``global_step / max_steps`` as the bar and,
+    as its description, a table with the step, epoch, the latest logged loss,
+    rewards/accuracies, rewards/margins, learning rate, elapsed time and an ETA (time per step
+    since this run started x remaining steps, so a resumed run estimates from its own steps).
+    It is updated at most every ``min_interval_s`` seconds and at the end. Each Trainer log dict
+    goes to the run logger as one line. Returns None outside Prefect.
     """
     if not in_prefect_run():
         return None
@@ -303,28 +420,43 @@ def make_progress_callback(key: str, description: str = "training progress", min
         def __init__(self) -> None:
             self.artifact_id = None
             self._last = 0.0
-            self._last_pct = -1.0
+            self._last_step = -1
+            self._t0 = time.monotonic()
+            self._step0 = 0
+            self.latest: dict[str, Any] = {}
 
         def _pct(self, state) -> float:
             if not state.max_steps:
                 return 0.0
             return max(0.0, min(100.0, 100.0 * state.global_step / state.max_steps))
 
-        def _update(self, state, force: bool = False) -> None:
-            pct = round(self._pct(state), 1)
+        def _eta(self, state) -> float | None:
+            done = state.global_step - self._step0
+            if done <= 0 or not state.max_steps:
+                return None
+            return (time.monotonic() - self._t0) / done * max(0, state.max_steps - state.global_step)
+
+        def describe(self, state, done: bool = False) -> str:
+            return f"{description}\n\n" + progress_markdown(
+                state.global_step, state.max_steps, getattr(state, "epoch", None), self.latest, time.monotonic() - self._t0, self._eta(state), done
+            )
+
+        def _update(self, state, force: bool = False, done: bool = False) -> None:
             now = time.monotonic()
-            if not force and (now - self._last < min_interval_s or pct == self._last_pct):
+            if not force and (now - self._last < min_interval_s or state.global_step == self._last_step):
                 return
+            pct = round(self._pct(state), 1)
             try:
                 if self.artifact_id is None:
-                    self.artifact_id = create_progress_artifact(progress=pct, key=key, description=description)
+                    self.artifact_id = create_progress_artifact(progress=pct, key=key, description=self.describe(state, done))
                 else:
-                    update_progress_artifact(artifact_id=self.artifact_id, progress=pct)
-                self._last, self._last_pct = now, pct
+                    update_progress_artifact(artifact_id=self.artifact_id, progress=pct, description=self.describe(state, done))
+                self._last, self._last_step = now, state.global_step
             except Exception as e:  # noqa: BLE001 - progress display must not break training
                 log.warning("progress artifact update failed: %s", e)
 
         def on_train_begin(self, args, state, control, **kwargs):
+            self._t0, self._step0 = time.monotonic(), state.global_step
             self._update(state, force=True)
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -332,11 +464,12 @@ def make_progress_callback(key: str, description: str = "training progress", min
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs:
-                shown = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in logs.items()}
+                self.latest.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+                shown = {k: (round_sig(v) if isinstance(v, float) else v) for k, v in logs.items()}
                 log.info("step %d/%d %s", state.global_step, state.max_steps, json.dumps(json_safe(shown)))
 
         def on_train_end(self, args, state, control, **kwargs):
-            self._update(state, force=True)
+            self._update(state, force=True, done=True)
 
     return PrefectProgressCallback()
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from prefect import task
 
+from .caching import log_history_path
 from .common import (
     artifact_key,
     cached_task_options,
@@ -81,7 +82,7 @@ def evaluate_task(
         "out_dir": out_dir,
         "compare_base": compare_base,
     }
-    log_history = Path(model_dir).parent / "log_history.json"
+    log_history = log_history_path(model_dir)  # part of the cache key (tasks.caching)
     if not compare_base:
         r.eval.compare_base = False
     with stage_run("evaluate", inputs) as box:

@@ -140,8 +140,10 @@ def push_task(
     secrets = (token,) if token else ()
     with redact_logs(token):
         folder = build_hub_folder(r, Path(model_dir), Path(eval_json) if eval_json else None, Path(out_dir), secrets=secrets)
+        from orpo_core.model_card import card_for_ui
+
         card = (folder / "README.md").read_text(encoding="utf-8")
-        markdown_artifact(card, artifact_key(r.run_name, "model-card"), f"Model card of {r.run_name}")
+        markdown_artifact(card_for_ui(card), artifact_key(r.run_name, "model-card"), f"Model card of {r.run_name} ({folder / 'README.md'})")
         files = sorted(p.name for p in folder.iterdir())
         url = None
         if dry_run:

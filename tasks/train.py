@@ -5,19 +5,28 @@ used when the checkpoints in ``out_dir/checkpoints`` were written under the same
 configuration (same cache base key, recorded in ``.stage-inprogress.json`` when
 training starts, or in the previous stamp). Checkpoints left by another
 configuration (same run folder, different ``orpo.beta`` or data) are deleted
-first, so a new configuration never resumes from an old one.
+first, so a new configuration never resumes from an old one — but never those of
+a live run: flows hold the run-folder lock (:mod:`tasks.run_lock`), and the
+marker's pid is checked as well.
+
+Retries (:func:`tasks.common.retry_if_transient`) only for network errors, HTTP
+429/5xx and CUDA out-of-memory; a permission error, a missing file or a bad
+recipe fails at once.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
 from .caching import INPROGRESS_NAME, read_stamp, stage_base_key
+from .run_lock import RunFolderBusy
 from .common import (
     artifact_key,
     cached_task_options,
@@ -31,18 +40,37 @@ from .common import (
 )
 
 
-def _resume_decision(out_dir: Path, base_key: str) -> bool:
-    """True when existing checkpoints belong to this configuration; stale ones are removed."""
-    ckpt = out_dir / "checkpoints"
-    marker = out_dir / INPROGRESS_NAME
-    same = False
+def _live_writer(marker: dict) -> int | None:
+    """The pid of another live process on this host that is training into the folder, else None."""
+    pid = marker.get("pid")
+    if not pid or pid == os.getpid() or marker.get("host") != socket.gethostname():
+        return None
     try:
-        same = json.loads(marker.read_text(encoding="utf-8")).get("base_key") == base_key
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return int(pid)
+    return int(pid)
+
+
+def _resume_decision(out_dir: Path, base_key: str) -> bool:
+    """True when existing checkpoints belong to this configuration; stale ones are removed,
+    unless another live process is still training into the folder (then RunFolderBusy: the
+    run-folder lock normally prevents this; this guards direct task use)."""
+    ckpt = out_dir / "checkpoints"
+    marker_path = out_dir / INPROGRESS_NAME
+    try:
+        marker = json.loads(marker_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        pass
+        marker = {}
+    same = marker.get("base_key") == base_key
     stamp = read_stamp(out_dir)
     same = same or bool(stamp and stamp.get("base_key") == base_key)
     if ckpt.is_dir() and any(ckpt.iterdir()) and not same:
+        pid = _live_writer(marker)
+        if pid is not None:
+            raise RunFolderBusy(f"{out_dir} is being trained by live process {pid}: its checkpoints in {ckpt} are left alone")
         run_logger().warning("removing checkpoints of another configuration in %s", ckpt)
         shutil.rmtree(ckpt)
     return same
@@ -73,7 +101,7 @@ def train_task(recipe: dict[str, Any], tokenized_dir: str, out_dir: str) -> dict
     base_key = stage_base_key("train", inputs)
     out.mkdir(parents=True, exist_ok=True)
     resume = _resume_decision(out, base_key)
-    (out / INPROGRESS_NAME).write_text(json.dumps({"base_key": base_key}), encoding="utf-8")
+    (out / INPROGRESS_NAME).write_text(json.dumps({"base_key": base_key, "pid": os.getpid(), "host": socket.gethostname()}), encoding="utf-8")
     cb = make_progress_callback(artifact_key(r.run_name, "training-progress"), f"Training progress of {r.run_name}")
     with stage_run("train", inputs) as box:
         if uses_launcher(r.train.distributed):  # train.distributed: accelerate launch, lines to the run log

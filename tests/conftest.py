@@ -47,3 +47,17 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """One real ``prefect server start`` (temp PREFECT_HOME, free loopback port) shared by the
+    real-server tests (tests/prefect_server.py); stopped, process group and all, at the end."""
+    from prefect_server import PrefectServer
+
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    server = PrefectServer(home, home / "server.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -110,9 +110,10 @@ class Stages:
         (model / "state.json").write_text(json.dumps({"alpha": recipe.orpo.alpha, "beta": recipe.orpo.beta, "n_rows": n_rows}))
         (model / "config.json").write_text("{}")
         (model / "model.safetensors").write_bytes(hashlib.sha256((model / "state.json").read_bytes()).digest())
-        metrics = {"train_loss": 0.25, "eval_loss": 0.5}
+        metrics = {"train_loss": 0.25, "eval_loss": 0.5, "train_runtime": 12.345678901}
         (out / "metrics.json").write_text(json.dumps(metrics))
-        (out / "log_history.json").write_text(json.dumps([{"step": 4, "loss": 0.25}]))
+        # the training log depends on train.logging_steps (the model does not): evaluation plots it
+        (out / "log_history.json").write_text(json.dumps([{"step": 4, "loss": 0.25, "every": recipe.train.logging_steps}]))
         return metrics
 
     def run_evaluation(self, recipe, model_dir, tokenized_dir, out_dir, base_model=None, log_history=None):
@@ -259,6 +260,47 @@ def test_deleted_or_changed_outputs_invalidate(prefect_harness, stages, tmp_path
 
 
 @pytest.mark.prefect
+def test_each_input_reruns_exactly_the_stages_that_read_it(prefect_harness, stages, tmp_path):
+    """Per stage, changing one input it reads reruns that stage and the stages whose inputs change
+    as a consequence, and nothing else (stand-in outputs depend only on what they are given)."""
+    from flows.pipeline import orpo_pipeline
+
+    tok_dir = tmp_path / "tokenizer"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.json").write_text('{"v": 1}')
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some raw text\n")
+    recipe_path = _write_recipe(tmp_path, model={"name_or_path": "test-org/fake-model", "tokenizer": str(tok_dir)}, eval={"corpus": str(corpus)})
+    recipe = str(recipe_path)
+    overrides: list[str] = []
+    _run(orpo_pipeline, recipe=recipe)
+
+    def appended_row():
+        with open(tmp_path / "pairs.jsonl", "a") as f:
+            f.write("\n" + json.dumps({"prompt": "q-extra", "chosen": "a", "rejected": "b"}))
+
+    R, C = "Completed", "Cached"
+    cases = [
+        # (what changes, how, expected states of prepare, tokenize, train, evaluate)
+        ("prepare: source file content", appended_row, (R, R, R, R)),
+        ("prepare: data.test_size", lambda: overrides.append("data.test_size=0.2"), (R, C, C, C)),
+        ("tokenize: local tokenizer files", lambda: (tok_dir / "tokenizer.json").write_text('{"v": 2}'), (C, R, R, R)),
+        ("prepare+tokenize: data.on_error (both read it)", lambda: overrides.append("data.on_error=skip"), (R, R, C, C)),
+        ("train: train.learning_rate", lambda: overrides.append("train.learning_rate=0.001"), (C, C, R, C)),
+        ("train+evaluate: train.logging_steps (the plotted log)", lambda: overrides.append("train.logging_steps=3"), (C, C, R, R)),
+        ("evaluate: eval.bootstrap_samples", lambda: overrides.append("eval.bootstrap_samples=77"), (C, C, C, R)),
+        ("evaluate: eval corpus content", lambda: corpus.write_text("other raw text\n"), (C, C, C, R)),
+        ("evaluate: orpo.beta is read by evaluation too", lambda: overrides.append("orpo.beta=0.3"), (C, C, R, R)),
+        ("nothing", lambda: None, (C, C, C, C)),
+    ]
+    for what, change, expected in cases:
+        change()
+        # the flow's own record of each task's final state (the API's copy arrives asynchronously)
+        st = orpo_pipeline(recipe=recipe, overrides=list(overrides))["stages"]
+        assert tuple(st[k] for k in ("prepare", "tokenize", "train", "evaluate")) == expected, what
+
+
+@pytest.mark.prefect
 def test_transient_failure_retried_and_ui_artifacts(prefect_harness, stages, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
@@ -279,7 +321,7 @@ def test_transient_failure_retried_and_ui_artifacts(prefect_harness, stages, tmp
         train_run = next(t for t in runs if t.name.startswith("train"))
         assert train_run.run_count == 2
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fid])))
-        keys = ["flowtest-data-stats", "flowtest-eval-results", "flowtest-training-progress", "flowtest-model-card"]
+        keys = ["flowtest-data-stats", "flowtest-eval-results", "flowtest-training-progress", "flowtest-model-card", "flowtest-train-metrics"]
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
     messages = "\n".join(lg.message for lg in logs)
     assert "Retry 1/2" in messages
@@ -296,7 +338,18 @@ def test_transient_failure_retried_and_ui_artifacts(prefect_harness, stages, tmp
     eval_rows = json.loads(latest["flowtest-eval-results"].data)
     acc_row = next(row for row in eval_rows if row["metric"] == "preference/accuracy")
     assert acc_row["trained"] == acc_formula(1.0, 0.1, 9) and acc_row["base"] == 0.5
-    assert latest["flowtest-model-card"].type == "markdown" and "model-index" in latest["flowtest-model-card"].data
+    # the model card reads as markdown: no YAML front matter, metadata as a small table, no broken image
+    card = latest["flowtest-model-card"]
+    assert card.type == "markdown" and card.data.startswith("# orpo-flowtest\n")
+    assert "---\n" not in card.data.split("## ")[0] and "model-index" not in card.data
+    assert "| base model | `test-org/fake-model` |" in card.data and "| license | `apache-2.0` |" in card.data
+    assert "![" not in card.data
+    # tables: floats to 4 significant digits
+    train_rows = json.loads(latest["flowtest-train-metrics"].data)
+    assert {"key": "train_runtime", "value": 12.35} in train_rows
+    # progress: step / max steps, the latest loss and the ETA in the description
+    prog = latest["flowtest-training-progress"].description
+    assert "| step | 4 / 4 |" in prog and "| loss | 0.25 |" in prog and "| ETA | done |" in prog
 
 
 @pytest.mark.prefect
@@ -322,6 +375,72 @@ def test_permanent_failure_fails_the_flow(prefect_harness, stages, tmp_path):
     with pytest.raises(DataError, match="line 3"):
         orpo_pipeline(recipe=str(_write_recipe(tmp_path)), overrides=["seed=7"])
     assert stages.calls["bad"] == [1]
+
+
+@pytest.mark.prefect
+def test_only_transient_errors_are_retried(prefect_harness, stages, tmp_path):
+    """A permission error while writing a checkpoint fails at the first attempt, naming the path;
+    a CUDA out-of-memory error is retried (and the retry resumes)."""
+    import torch
+
+    from flows.pipeline import orpo_pipeline
+
+    real_train = stages.run_training
+    ckpt_file = tmp_path / "run" / "train" / "checkpoints" / "checkpoint-2" / "optimizer.pt"
+    errors = [PermissionError(13, "Permission denied", str(ckpt_file))]
+
+    def failing_train(recipe, tokenized_dir, out_dir, resume=True, callbacks=None):
+        stages.calls["attempts"].append(1)
+        if errors:
+            raise errors.pop(0)
+        return real_train(recipe, tokenized_dir, out_dir, resume=resume, callbacks=callbacks)
+
+    sys.modules["orpo_core.train"].run_training = failing_train
+    with pytest.raises(PermissionError) as info:
+        orpo_pipeline(recipe=str(_write_recipe(tmp_path)))
+    assert len(stages.calls["attempts"]) == 1 and "evaluate" not in stages.calls
+    assert str(ckpt_file) in str(info.value) and "\n" not in str(info.value)
+
+    errors.append(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    r, s, _ = _run(orpo_pipeline, recipe=str(_write_recipe(tmp_path)))
+    assert s["train"] == "Completed" and len(stages.calls["attempts"]) == 3
+
+
+def test_is_transient_classifies_errors():
+    import httpx
+    import torch
+
+    from tasks.common import is_transient
+
+    req = httpx.Request("POST", "https://huggingface.co/api/models")
+    transient = [
+        ConnectionResetError("reset by peer"),
+        TimeoutError("read timed out"),
+        httpx.ConnectError("connection refused"),
+        httpx.HTTPStatusError("429", request=req, response=httpx.Response(429, request=req)),
+        httpx.HTTPStatusError("503", request=req, response=httpx.Response(503, request=req)),
+        torch.OutOfMemoryError("CUDA out of memory"),
+        RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"),
+    ]
+    permanent = [
+        PermissionError(13, "Permission denied", "/runs/x/train/checkpoints"),
+        FileNotFoundError(2, "No such file", "/runs/x/tokenized/train.parquet"),
+        ValueError("orpo.beta must be > 0"),
+        httpx.HTTPStatusError("403", request=req, response=httpx.Response(403, request=req)),
+        OSError(28, "No space left on device"),
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
+        None,
+    ]
+    assert [is_transient(e) for e in transient] == [True] * len(transient)
+    assert [is_transient(e) for e in permanent] == [False] * len(permanent)
+    # a transient cause inside a wrapper counts; a permanent wrapper does not turn into transient
+    try:
+        try:
+            raise ConnectionResetError("reset")
+        except ConnectionResetError as e:
+            raise RuntimeError("data loader worker failed") from e
+    except RuntimeError as wrapped:
+        assert is_transient(wrapped)
 
 
 # --------------------------------------------------------------------------- sweep
@@ -407,23 +526,41 @@ def test_retrain_publishes_only_improvements(prefect_harness, stages, tmp_path, 
     recipe = str(_write_recipe(tmp_path, hub={"push": True}))
 
     r1, s1, _ = _run(retrain, recipe=recipe)
-    assert r1["gate"]["publish"] and r1["gate"]["previous"] is None and len(uploads) == 1
+    assert r1["action"] == "published" and r1["gate"]["publish"] and r1["gate"]["previous"] is None and len(uploads) == 1
     record = json.loads((tmp_path / "run" / "published.json").read_text())
     assert record["metrics"]["preference/accuracy"] == acc_formula(1.0, 0.1, 9)
 
-    # same data: prepare is refreshed (reruns) but the identical content leaves the rest cached; no gain -> no push
+    # same data and recipe: skipped before any stage, nothing published, the decision recorded
     r2, s2, _ = _run(retrain, recipe=recipe)
-    assert s2["prepare"] == "Completed" and (s2["tokenize"], s2["train"], s2["evaluate"]) == ("Cached", "Cached", "Cached")
-    assert not r2["gate"]["publish"] and r2["gate"]["previous_source"] == "record" and len(uploads) == 1
-    assert "push" not in s2
+    assert r2["action"] == "skipped" and "unchanged" in r2["reason"] and s2 == {} and r2["stages"] == {}
+    assert len(uploads) == 1 and len(stages.calls["prepare"]) == 1
 
-    # fresh rows improve the stand-in metric -> published, record updated
+    # fresh rows improve the stand-in metric -> trained, evaluated, published, record updated
     with open(tmp_path / "pairs.jsonl", "a") as f:
         f.write("\n" + json.dumps({"prompt": "fresh", "chosen": "a", "rejected": "b"}))
     r3, s3, _ = _run(retrain, recipe=recipe)
-    assert r3["gate"]["publish"] and r3["gate"]["new"] > r3["gate"]["previous"] and len(uploads) == 2
-    assert s3["train"] == "Completed"
+    assert r3["action"] == "published" and r3["gate"]["new"] > r3["gate"]["previous"] and len(uploads) == 2
+    assert (s3["prepare"], s3["train"], s3["evaluate"]) == ("Completed", "Completed", "Completed")
     assert json.loads((tmp_path / "run" / "published.json").read_text())["metrics"]["preference/accuracy"] == acc_formula(1.0, 0.1, 10)
+
+    # forced on unchanged data: the stages are cached, the gate keeps the published model
+    r4, s4, _ = _run(retrain, recipe=recipe, force=True)
+    assert r4["action"] == "kept" and not r4["gate"]["publish"] and r4["gate"]["previous_source"] == "record"
+    assert (s4["tokenize"], s4["train"], s4["evaluate"]) == ("Cached", "Cached", "Cached") and "push" not in s4
+    assert len(uploads) == 2
+
+    lines = [json.loads(x) for x in (tmp_path / "run" / "retrain" / "decisions.jsonl").read_text().splitlines()]
+    assert [x["action"] for x in lines] == ["published", "skipped", "published", "kept"]
+    assert lines[0]["data"]["fingerprint"] == lines[1]["data"]["fingerprint"] != lines[2]["data"]["fingerprint"]
+    assert lines[2]["previous_data_fingerprint"] == lines[1]["data"]["fingerprint"]
+    assert json.loads((tmp_path / "run" / "retrain" / "last_decision.json").read_text())["action"] == "kept"
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["flowtest-retrain-decision"])))
+    md = [a.data for a in sorted(arts, key=lambda a: a.created)]
+    assert len(md) == 4 and md[1].startswith("# Retraining decision: skipped") and "| decision | **kept** |" in md[3]
 
 
 def test_sweep_task_runner_reads_env_per_run(monkeypatch):
@@ -541,3 +678,35 @@ def test_grid_helpers():
     for bad in ({}, {"orpo.beta": 0.1}, {"orpo.beta": []}, {"not a key": [1]}):
         with pytest.raises(ValueError):
             expand_grid(bad)
+
+
+def test_run_folder_lock(tmp_path):
+    """One holder at a time (fail fast with the holder named, or wait); released on a clean exit
+    and when the holder is SIGKILLed, whose record is then handed to the next run."""
+    import signal
+    import subprocess
+
+    from tasks.run_lock import OWNER_NAME, RunFolderBusy, run_folder_lock
+
+    run = tmp_path / "run"
+    with run_folder_lock(run, flow_run_id="flow-a") as previous:
+        assert previous is None
+        assert json.loads((run / OWNER_NAME).read_text())["flow_run_id"] == "flow-a"
+        t0 = time.monotonic()
+        with pytest.raises(RunFolderBusy, match=rf"run folder {run} is in use by pid {os.getpid()} .*flow run flow-a"):
+            with run_folder_lock(run, timeout_s=0.5):
+                pass
+        assert 0.4 < time.monotonic() - t0 < 10  # waited for the timeout, then failed
+    assert not (run / OWNER_NAME).exists()
+    with run_folder_lock(run) as previous:  # free again after a clean exit
+        assert previous is None
+
+    code = (
+        "import os, signal, sys; from tasks.run_lock import run_folder_lock\n"
+        f"with run_folder_lock({str(run)!r}, flow_run_id='flow-killed'):\n"
+        "    print('held', flush=True); os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert proc.stdout.strip() == "held" and proc.returncode == -signal.SIGKILL
+    with run_folder_lock(run, timeout_s=0) as previous:  # the kernel released the dead holder's lock
+        assert previous["flow_run_id"] == "flow-killed"
