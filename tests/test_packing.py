@@ -243,10 +243,14 @@ def _plain_trainer(tmp_path, model, **orpo):
     return ORPOTrainer(model=model, args=args, orpo=ORPOConfig(**orpo))
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_equals_padded_llama(tmp_path, attn):
+@pytest.mark.parametrize(("attn", "checkpointing"), [("sdpa", False), ("eager", False), ("sdpa", True)])
+def test_packed_equals_padded_llama(tmp_path, attn, checkpointing):
     rows = _rows(SPEC)
-    tr = _plain_trainer(tmp_path, _llama(attn), padding_free=True, prompt_sharing=False)
+    model = _llama(attn)
+    if checkpointing:  # the segments reach the attention of recomputed layers too
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    tr = _plain_trainer(tmp_path, model, padding_free=True, prompt_sharing=False)
     batch = ORPODataCollator(0)(rows)
     plain, g_plain = _loss_and_grads(tr, batch, False, False)
     for share in (False, True):
