@@ -23,7 +23,10 @@ timed steps of ``ORPOTrainer.orpo_forward`` + backward + grad-norm clip 1.0 + ``
 * ``auto``: the defaults (``auto`` / ``auto``).
 
 Printed per variant: median s/step, useful tokens/s (non-padding tokens of the ``[2B, T]``
-batch, i.e. prompt + chosen and prompt + rejected, over the summed timed step time), tokens
+batch, i.e. prompt + chosen and prompt + rejected, over the summed timed step time), the same
+per CPU-second of the worker (``time.process_time``, all threads; with
+``OMP_WAIT_POLICY=PASSIVE`` idle threads do not spin, so this tracks the work done and is the
+steadier comparison on a loaded machine), tokens
 the model actually computed per step, and peak RSS (``ru_maxrss`` of the worker). On a machine
 shared with other jobs absolute figures stretch with the load (the load average is printed);
 compare variants within one run.
@@ -131,19 +134,20 @@ def worker(spec: dict) -> dict:
         orpo = ORPOConfig(beta=0.1, alpha=1.0, fused_loss=True, **VARIANTS[spec["variant"]])
         tr = ORPOTrainer(model=model, args=args, orpo=orpo, processing_class=tok)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=8e-6, weight_decay=0.0)
-    times, useful, computed, shared_batches = [], [], [], 0
+    times, cpu_times, useful, computed, shared_batches = [], [], [], [], 0
     losses = []
     for k, batch in enumerate(batches):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out, _ = tr.orpo_forward(model, batch, beta=0.1, alpha=1.0)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         losses.append(float(out.loss.detach()))
         if k >= spec["warmup"]:
             times.append(dt)
+            cpu_times.append(dc)
             useful.append(int(batch["attention_mask"].sum()))
             share = tr.share_batch(model.config, batch)
             shared_batches += int(share)
@@ -165,6 +169,8 @@ def worker(spec: dict) -> dict:
         "shared_batches": shared_batches,
         "s_per_step": statistics.median(times),
         "useful_tokens_per_s": sum(useful) / sum(times),
+        "cpu_s_per_step": statistics.median(cpu_times),
+        "useful_tokens_per_cpu_s": sum(useful) / sum(cpu_times),
         "useful_tokens_per_step": statistics.mean(useful),
         "computed_tokens_per_step": statistics.mean(computed),
         "peak_rss_gib": rss,
@@ -207,18 +213,20 @@ def main(argv=None) -> int:
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             results[v].append(res)
             print(f"rep {rep} {v:14s} {res['s_per_step']:6.2f} s/step {res['useful_tokens_per_s']:7.1f} useful tok/s "
+                  f"(CPU: {res['cpu_s_per_step']:6.2f} s/step {res['useful_tokens_per_cpu_s']:6.1f} tok/CPU-s) "
                   f"computed {res['computed_tokens_per_step']:6.0f} / useful {res['useful_tokens_per_step']:6.0f} "
                   f"tok/step  peak RSS {res['peak_rss_gib']:.2f} GiB  shared {res['shared_batches']}/{a.steps} "
                   f"load {res['load']:.1f}", flush=True)
     print("\nmedian over reps:")
-    base = None
+    base = cbase = None
     for v in variants:
         tps = statistics.median(r["useful_tokens_per_s"] for r in results[v])
         sps = statistics.median(r["s_per_step"] for r in results[v])
+        cps = statistics.median(r["useful_tokens_per_cpu_s"] for r in results[v])
         rss = statistics.median(r["peak_rss_gib"] for r in results[v])
-        base = base or tps
-        print(f"  {v:14s} {sps:6.2f} s/step {tps:7.1f} useful tok/s ({tps / base:.2f}x {variants[0]}) "
-              f"peak RSS {rss:.2f} GiB")
+        base, cbase = base or tps, cbase or cps
+        print(f"  {v:14s} {sps:6.2f} s/step {tps:7.1f} useful tok/s ({tps / base:.2f}x {variants[0]}); "
+              f"{cps:6.1f} useful tok per CPU-s ({cps / cbase:.2f}x); peak RSS {rss:.2f} GiB")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .sharing import SUPPORTED_MODEL_TYPES, build_shared_batch, sliding_window_of
+from .sharing import SUPPORTED_MODEL_TYPES, build_shared_batch
 
 __all__ = [
     "SEGMENT_SDPA",
@@ -206,7 +206,9 @@ def _lower_right_causal(lq: int, lk: int, device) -> torch.Tensor:
 def _row_lengths(input_ids, attention_mask, completion_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated ``(lengths, prompt_lengths)`` of the ``[2B, T]`` rows (right padded, prompt then completion)."""
     if input_ids.dim() != 2 or input_ids.shape[0] % 2 or input_ids.shape[0] == 0:
-        raise ValueError(f"padding-free packing needs a [2B, T] pair batch, got input_ids of shape {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"padding-free packing needs a [2B, T] pair batch, got input_ids of shape {tuple(input_ids.shape)}"
+        )
     if attention_mask.shape != input_ids.shape or completion_mask.shape != input_ids.shape:
         raise ValueError(
             f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)} and "
