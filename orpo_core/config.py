@@ -180,7 +180,7 @@ class ORPOConfig(_Strict):
     prompt_sharing: bool | Literal["auto"] = Field(
         "auto",
         description="compute each pair's prompt once ([prompt | chosen | rejected] row, orpo_core/sharing.py); "
-        "auto: per batch when the model supports it and the estimated cost is >= 5 % lower (sharing_pays)",
+        "auto: per batch when the model supports it and the estimated cost is lower by a margin (sharing_pays)",
     )
     padding_free: bool | Literal["auto"] = Field(
         "auto",
