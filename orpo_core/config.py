@@ -201,7 +201,16 @@ class ORPOConfig(_Strict):
         description="target tokens per chunk of the fused loss (peak O(chunk_size * V)); the faster one-pass "
         "gradient needs each pair's target tokens (chosen row + rejected completion) to fit in one chunk",
     )
-    prompt_sharing: bool = Field(False, description="compute the shared prompt once per pair")
+    prompt_sharing: bool | Literal["auto"] = Field(
+        "auto",
+        description="compute each pair's prompt once ([prompt | chosen | rejected] row, orpo_core/sharing.py); "
+        "auto: per batch when the model supports it and the estimated cost is lower by a margin (sharing_pays)",
+    )
+    padding_free: bool | Literal["auto"] = Field(
+        "auto",
+        description="pack each batch into one row without padding (orpo_core/packing.py); auto: on for "
+        "supported decoders with sdpa or flash attention, off otherwise (eager would need a dense mask)",
+    )
     router_aux_loss_coef: float | None = Field(None, ge=0, description="MoE aux loss weight (None: model config)")
     on_nonfinite: Literal["raise", "skip"] = "raise"
 

@@ -362,6 +362,8 @@ def run_training(
         "num_eval_pairs": len(eval_ds) if eval_ds is not None else 0,
         "peft": recipe.peft.method,
         "fused_loss": trainer.use_fused,
+        "padding_free": trainer.padding_free,
+        "prompt_sharing": trainer.prompt_sharing,
     }
     trainer.accelerator.wait_for_everyone()
     state_dict = None

@@ -36,12 +36,19 @@ trl/experimental/orpo/orpo_trainer.py):
   has it; weight ``orpo.router_aux_loss_coef`` or the config's ``router_aux_loss_coef``).
 * **Length-grouped, seeded sampling** (:class:`orpo_core.collator.LengthGroupedPairSampler`;
   by shared-row length ``P + C + R`` when prompt sharing is on).
-* **Prompt sharing** (``orpo.prompt_sharing``, off by default; :mod:`orpo_core.sharing`):
-  each pair runs as one row ``[prompt | chosen | rejected]`` with a 4D mask (rejected
-  tokens do not see chosen ones) and restarted position ids; the last hidden states (or
-  logits) are gathered back into the ``[2B, T]`` layout and the loss is computed
-  unchanged, so loss, gradients, accumulation denominators and metrics are those of the
-  unshared forward while each prompt is computed once.
+* **Prompt sharing** (``orpo.prompt_sharing``; :mod:`orpo_core.sharing`): each pair runs
+  as one row ``[prompt | chosen | rejected]`` with a 4D mask (rejected tokens do not see
+  chosen ones) and restarted position ids; the last hidden states (or logits) are gathered
+  back into the ``[2B, T]`` layout and the loss is computed unchanged, so loss, gradients,
+  accumulation denominators and metrics are those of the unshared forward while each prompt
+  is computed once. ``auto`` (the default) decides per batch with
+  :func:`orpo_core.sharing.sharing_pays` when the model supports it.
+* **Padding-free batches** (``orpo.padding_free``; :mod:`orpo_core.packing`): the batch's
+  rows (or shared pair runs) are packed into one ``[1, N]`` row of real tokens with
+  restarted positions and attention confined to each sequence (flash-attention varlen, or
+  per-segment sdpa: an ``sdpa`` model is switched to
+  :data:`orpo_core.packing.SEGMENT_SDPA`), then gathered back to ``[2B, T]`` for the same
+  loss. ``auto`` (the default) packs for supported decoders with sdpa or flash attention.
 """
 
 from __future__ import annotations
@@ -59,11 +66,20 @@ from .collator import LengthGroupedPairSampler, pair_lengths
 from .config import ORPOConfig, ScheduleConfig
 from .fused import lm_head_transform_from_config, orpo_loss_from_hidden
 from .loss import ORPOLossOutput, nll_token_count, orpo_loss_from_logits
+from .packing import (
+    FLASH_ATTENTION,
+    SEGMENT_SDPA,
+    build_packed_batch,
+    enable_segment_sdpa,
+    padding_free_unsupported_reason,
+)
 from .sharing import (
     build_shared_batch,
     check_prompt_sharing_support,
     gather_pair_rows,
+    prompt_sharing_unsupported_reason,
     shared_pair_lengths,
+    sharing_pays,
     sliding_window_of,
 )
 
@@ -142,9 +158,16 @@ class ORPOTrainer(Trainer):
     Raises:
         ValueError: ``remove_unused_columns`` is True, or both coefficient schedules start
             at 0 (the first steps would have nothing to train).
-        NotImplementedError: ``orpo.prompt_sharing`` is set for a model type or attention
+        NotImplementedError: ``orpo.prompt_sharing: true`` for a model type or attention
             implementation that does not take a custom 4D mask (see
-            :func:`orpo_core.sharing.check_prompt_sharing_support`).
+            :func:`orpo_core.sharing.check_prompt_sharing_support`), or
+            ``orpo.padding_free: true`` for one that cannot take packed sequences (see
+            :func:`orpo_core.packing.padding_free_unsupported_reason`). With ``auto`` these
+            fall back to the unshared / padded batch, logging the reason.
+
+    Attributes:
+        prompt_sharing: True, False or ``"auto"`` (decided per batch).
+        padding_free: whether batches are packed (resolved at construction).
     """
 
     # compute_loss returns the window-normalised loss (see module docstring)
@@ -160,9 +183,16 @@ class ORPOTrainer(Trainer):
         a0 = schedule_value(orpo.alpha, orpo.alpha_schedule, 0)
         if b0 == 0 and a0 == 0:
             raise ValueError("orpo.beta_schedule and orpo.alpha_schedule both start at 0: step 0 would train nothing")
-        self.prompt_sharing = bool(orpo.prompt_sharing)
-        if self.prompt_sharing:
-            check_prompt_sharing_support(getattr(_unwrap_peft(model), "config", None))
+        base_config = getattr(_unwrap_peft(model), "config", None)
+        self.prompt_sharing = orpo.prompt_sharing
+        if self.prompt_sharing is True:
+            check_prompt_sharing_support(base_config)
+        elif self.prompt_sharing == "auto":
+            reason = prompt_sharing_unsupported_reason(base_config)
+            if reason:
+                logger.info("orpo.prompt_sharing: auto -> off: %s", reason)
+                self.prompt_sharing = False
+        self.padding_free = self._resolve_padding_free(orpo.padding_free, _unwrap_peft(model), base_config)
         self.orpo = orpo
         self.group_by_length = group_by_length
         super().__init__(model=model, args=args, **kwargs)
@@ -195,6 +225,24 @@ class ORPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ setup helpers
     @staticmethod
+    def _resolve_padding_free(setting, base, config) -> bool:
+        """``orpo.padding_free`` -> bool; an ``sdpa`` model that packs is switched to segment sdpa."""
+        if setting is False:
+            return False
+        reason = padding_free_unsupported_reason(config) if config is not None else "the model has no config"
+        attn = getattr(config, "_attn_implementation", None) or "eager"
+        if reason is None and setting == "auto" and attn == "eager":
+            reason = "eager attention would need a dense [N, N] mask over the packed row (use sdpa)"
+        if reason:
+            if setting is True:
+                raise NotImplementedError(f"orpo.padding_free: {reason}. Set orpo.padding_free: false")
+            logger.info("orpo.padding_free: auto -> off: %s", reason)
+            return False
+        if attn == "sdpa" and not enable_segment_sdpa(base):
+            logger.warning("orpo.padding_free: segment attention unavailable, packed rows use a dense mask")
+        return True
+
+    @staticmethod
     def _fused_unsupported_reason(base) -> str | None:
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         if head is None:
@@ -213,7 +261,7 @@ class ORPOTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.group_by_length or dataset is None:
             return super()._get_train_sampler(train_dataset)
-        if self.prompt_sharing:
+        if self.prompt_sharing is True:
             lengths = shared_pair_lengths(dataset)  # one [prompt | chosen | rejected] row per pair
         elif "length" in getattr(dataset, "column_names", []):
             lengths = list(dataset["length"])
@@ -298,23 +346,13 @@ class ORPOTrainer(Trainer):
         Returns ``(ORPOLossOutput, aux_loss or None)``; ``aux_loss`` is the MoE router
         load-balancing loss returned by the model (unweighted), when enabled.
 
-        With ``orpo.prompt_sharing`` the model runs on the shared ``[B, L]`` layout of
-        :func:`orpo_core.sharing.build_shared_batch` and its last hidden states (fused) or
-        logits (unfused) are gathered back to ``[2B, T]`` before the same loss call."""
-        shared = self._shared_batch(model, inputs) if self.prompt_sharing else None
-        if shared is None:
-            kwargs: dict[str, Any] = {
-                "input_ids": inputs["input_ids"],
-                "attention_mask": inputs["attention_mask"],
-                "use_cache": False,
-            }
-        else:
-            kwargs = {
-                "input_ids": shared.input_ids,
-                "attention_mask": shared.attention_mask,
-                "position_ids": shared.position_ids,
-                "use_cache": False,
-            }
+        With prompt sharing (:meth:`share_batch`) and/or padding-free packing the model runs
+        on the shared ``[B, L]`` layout of :func:`orpo_core.sharing.build_shared_batch` or the
+        packed ``[1, N]`` row of :func:`orpo_core.packing.build_packed_batch`, and its last
+        hidden states (fused) or logits (unfused) are gathered back to ``[2B, T]`` before the
+        same loss call."""
+        kwargs, gather_index = self._model_inputs(model, inputs)
+        kwargs["use_cache"] = False
         if self.aux_enabled:
             kwargs["output_router_logits"] = True
         common = dict(
@@ -333,8 +371,8 @@ class ORPOTrainer(Trainer):
             weight, bias = self._lm_head(model)
             if not self._fused_checked:
                 self._check_fused(outputs, hidden, weight, bias)
-            if shared is not None:
-                hidden = gather_pair_rows(hidden, shared.gather_index)
+            if gather_index is not None:
+                hidden = gather_pair_rows(hidden, gather_index)
             out = orpo_loss_from_hidden(
                 hidden,
                 weight,
@@ -349,12 +387,66 @@ class ORPOTrainer(Trainer):
             )
         else:
             outputs = model(**kwargs)
-            logits = outputs.logits if shared is None else gather_pair_rows(outputs.logits, shared.gather_index)
+            logits = outputs.logits if gather_index is None else gather_pair_rows(outputs.logits, gather_index)
             out = orpo_loss_from_logits(
                 logits, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], **common
             )
         aux = getattr(outputs, "aux_loss", None) if self.aux_enabled else None
         return out, aux
+
+    def share_batch(self, config, inputs: dict[str, Any]) -> bool:
+        """Whether this batch runs with prompt sharing: ``orpo.prompt_sharing`` when a bool;
+        for ``auto``, :func:`orpo_core.sharing.sharing_pays` on the batch's prompt / chosen /
+        rejected lengths (never when a row exceeds the model's sliding window)."""
+        if self.prompt_sharing is not True and self.prompt_sharing != "auto":
+            return False
+        if self.prompt_sharing is True:
+            return True
+        attn = inputs["attention_mask"].sum(1)
+        comp = inputs["completion_mask"].sum(1)
+        half = attn.shape[0] // 2
+        prompt = (attn[:half] - comp[:half]).tolist()
+        if prompt != (attn[half:] - comp[half:]).tolist() or min(prompt) <= 0:
+            return False  # not a shareable pair batch: let the plain path handle it
+        chosen, rejected = comp[:half].tolist(), comp[half:].tolist()
+        window = sliding_window_of(config)
+        if window is not None and max(p + max(c, r) for p, c, r in zip(prompt, chosen, rejected)) > window:
+            return False
+        segment = (getattr(config, "_attn_implementation", None) or "eager") in (SEGMENT_SDPA,) + FLASH_ATTENTION
+        return sharing_pays(
+            prompt, chosen, rejected, padding_free=self.padding_free, config=config, segment_attention=segment
+        )
+
+    def _model_inputs(self, model, inputs) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """The model's keyword arguments for this batch and the ``[2B, T]`` gather index of its
+        outputs (None: the model runs on the padded ``[2B, T]`` batch itself)."""
+        base = _unwrap_peft(self.accelerator.unwrap_model(model))
+        config = base.config
+        share = self.share_batch(config, inputs)
+        if self.padding_free:
+            packed = build_packed_batch(
+                inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"], share_prompts=share
+            )
+            attn = getattr(config, "_attn_implementation", None) or "eager"
+            kwargs = packed.model_kwargs(attn, sliding_window_of(config), mask_dtype=self._eager_mask_dtype(base))
+            return kwargs, packed.gather_index
+        if share:
+            shared = self._shared_batch(model, inputs)
+            kwargs = {
+                "input_ids": shared.input_ids,
+                "attention_mask": shared.attention_mask,
+                "position_ids": shared.position_ids,
+            }
+            return kwargs, shared.gather_index
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}, None
+
+    def _eager_mask_dtype(self, base) -> torch.dtype:
+        """dtype of an additive mask for eager attention (the scores' dtype; float32 under autocast)."""
+        emb = base.get_input_embeddings()
+        dtype = emb.weight.dtype if emb.weight.is_floating_point() else torch.float32
+        if self.args.bf16 or self.args.fp16:
+            dtype = torch.float32  # scores may be upcast; finfo(float32).min still masks
+        return dtype
 
     def _shared_batch(self, model, inputs):
         """The shared layout of a pair batch for ``model`` (mask convention per attention kernel).
@@ -365,13 +457,10 @@ class ORPOTrainer(Trainer):
         base = _unwrap_peft(self.accelerator.unwrap_model(model))
         config = base.config
         attn = getattr(config, "_attn_implementation", None) or "eager"
-        if attn == "sdpa":
+        if attn in ("sdpa", SEGMENT_SDPA):
             mask_dtype = torch.bool  # sdpa: True = attend
         else:  # eager adds the mask to the attention scores
-            emb = base.get_input_embeddings()
-            mask_dtype = emb.weight.dtype if emb.weight.is_floating_point() else torch.float32
-            if self.args.bf16 or self.args.fp16:
-                mask_dtype = torch.float32  # scores may be upcast; finfo(float32).min still masks
+            mask_dtype = self._eager_mask_dtype(base)
         pad = getattr(self.processing_class, "pad_token_id", None) if self.processing_class is not None else None
         shared = build_shared_batch(
             inputs["input_ids"],

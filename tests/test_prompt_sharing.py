@@ -54,7 +54,7 @@ def _trainer(tmp_path, tiny_model_dir, tok, dataset, *, attn="sdpa", peft=None, 
     sections = {
         "model": {"name_or_path": str(tiny_model_dir), "dtype": "float32", "attn_implementation": attn},
         "train": {"group_by_length": False, "logging_steps": 1, **train},
-        "orpo": {"prompt_sharing": True, **(orpo or {})},
+        "orpo": {"prompt_sharing": True, "padding_free": False, **(orpo or {})},
     }
     if peft:
         sections["peft"] = peft
