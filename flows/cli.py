@@ -115,6 +115,13 @@ def _fail(e: BaseException) -> None:
         bad_input += (HubError,)
     except ImportError:  # pragma: no cover
         pass
+    try:
+        from orpo_core.evaluation.errors import EvalInputError
+        from orpo_core.model_sources import ModelSourceError
+
+        bad_input += (EvalInputError, ModelSourceError)
+    except ImportError:  # pragma: no cover
+        pass
     code = 2 if isinstance(e, bad_input) else 1
     console.print(f"[red]error:[/red] {type(e).__name__}: {escape(str(e))}")
     raise typer.Exit(code) from None

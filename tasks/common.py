@@ -333,6 +333,9 @@ def _unmute(lg: logging.Logger) -> None:
         lg.propagate = propagate
 
 
+NOISY_LOGGERS = ("transformers.generation.configuration_utils", "transformers.configuration_utils")
+
+
 @contextlib.contextmanager
 def library_logs_to_run(names: tuple[str, ...] = ("transformers", "orpo_core"), level: int = logging.INFO) -> Iterator[None]:
     """Send the named libraries' logs (INFO and up) to the Prefect run logs during the block.
@@ -363,9 +366,16 @@ def library_logs_to_run(names: tuple[str, ...] = ("transformers", "orpo_core"), 
         _mute(lg)
         lg.addHandler(h)
         attached.append((lg, h, old_level))
+    # per-call dumps (a whole GenerationConfig / model config for every generate() or load) drown the
+    # run log: those loggers keep WARNING and up only during the block
+    quieted = [(logging.getLogger(n), logging.getLogger(n).level) for n in NOISY_LOGGERS]
+    for lg, _ in quieted:
+        lg.setLevel(max(logging.WARNING, lg.level))
     try:
         yield
     finally:
+        for lg, old in quieted:
+            lg.setLevel(old)
         for lg, h, old_level in attached:
             lg.removeHandler(h)
             _unmute(lg)
