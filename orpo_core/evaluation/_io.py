@@ -55,3 +55,22 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented, strict JSON (NaN/inf become null) atomically."""
     text = json.dumps(_json_safe(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
     return atomic_write_text(path, text)
+
+
+def read_parquet_table(path: str | Path):
+    """Read a held-out Parquet file as a ``pyarrow.Table``.
+
+    Raises:
+        EvalInputError: the file does not exist or pyarrow cannot read it (message names the path).
+    """
+    import pyarrow.parquet as pq
+
+    from .errors import EvalInputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise EvalInputError(f"held-out file {path} does not exist")
+    try:
+        return pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise EvalInputError(f"{path}: unreadable parquet ({e})") from None

@@ -28,6 +28,7 @@ import numpy as np
 
 from orpo_core.instructions.verifiers import ConstraintError, Verifier, check_all, from_json
 
+from ._io import read_parquet_table
 from .errors import EvalInputError
 from .preference import bootstrap_ci
 
@@ -81,15 +82,8 @@ def load_instruction_prompts(path: str | Path, max_prompts: int | None = None) -
         EvalInputError: missing/unreadable file, or a row whose ``constraints`` is not a
             valid constraint list (naming file, row and the problem).
     """
-    import pyarrow.parquet as pq
-
     path = Path(path)
-    if not path.is_file():
-        raise EvalInputError(f"held-out file {path} does not exist")
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for corrupt files
-        raise EvalInputError(f"{path}: unreadable parquet ({e})") from None
+    table = read_parquet_table(path)
     if "constraints" not in table.column_names:
         return []
     for col in ("prompt",):

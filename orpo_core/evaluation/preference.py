@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ._io import read_parquet_table
 from .errors import EvalInputError
 
 PAIR_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -52,15 +53,8 @@ def load_pairs(path: str | Path, max_pairs: int | None = None) -> list[Pair]:
         EvalInputError: missing file, missing column, or a row whose prompt, chosen or
             rejected ids are empty/null or not integer lists (names file, row, field).
     """
-    import pyarrow.parquet as pq
-
     path = Path(path)
-    if not path.is_file():
-        raise EvalInputError(f"held-out file {path} does not exist")
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for corrupt files
-        raise EvalInputError(f"{path}: unreadable parquet ({e})") from None
+    table = read_parquet_table(path)
     missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
     if missing:
         raise EvalInputError(f"{path}: missing column(s) {missing} (have {table.column_names})")
