@@ -56,6 +56,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import sys
 from collections import defaultdict
 from typing import Any
 
@@ -270,6 +271,23 @@ class ORPOTrainer(Trainer):
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
         return LengthGroupedPairSampler(lengths, batch, seed=seed)
+
+    # ------------------------------------------------------------------ resuming a finished run
+    def _init_training_state(self, *args, **kwargs):
+        """``Trainer._init_training_state`` that trains no further when the checkpoint resumed
+        is already at ``max_steps``.
+
+        transformers 5 checks ``global_step >= max_steps`` only after an optimizer step, so a
+        run resumed from its final checkpoint (a retried task whose process died after saving
+        it, before the model was written) trains one extra step. Returning an epoch past the
+        last makes the epoch loop empty; the checkpoint's weights, optimizer and state are
+        still loaded, and the run ends at the checkpoint's ``global_step``."""
+        epochs_trained, steps_in_epoch = super()._init_training_state(*args, **kwargs)
+        if 0 < self.state.max_steps <= self.state.global_step:
+            logger.info("the checkpoint resumed is at step %d of %d: nothing left to train",
+                        self.state.global_step, self.state.max_steps)
+            return sys.maxsize, 0
+        return epochs_trained, steps_in_epoch
 
     # ------------------------------------------------------------------ coefficients
     def current_coefficients(self) -> tuple[float, float]:

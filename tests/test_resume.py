@@ -111,6 +111,36 @@ def test_killed_run_resumes_to_identical_weights(setup):
     assert json.loads((out / "metrics.json").read_text())["resumed_from"] == resumed
 
 
+def test_resume_from_the_final_checkpoint_trains_no_extra_step(setup):
+    """A process that died after its last checkpoint (checkpoint-N, N == max_steps) but
+    before writing the model: the retry restores that checkpoint and trains nothing more
+    (transformers alone would run step N+1)."""
+    import shutil
+
+    from orpo_core.train import run_training
+
+    root, tokenized = setup
+    _, rec = _recipe(root, "final", max_steps=4, eval_steps=None)
+    out = rec.out_dir / "train"
+    first = run_training(rec, tokenized, out)
+    assert first["global_step"] == 4 and (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file()
+    done = load_safetensors_dir(out / "model")
+    base = load_safetensors_dir(rec.out_dir / "base_model")
+    assert max(float((done[k] - base[k]).abs().max()) for k in done if k in base) > 1e-3
+    history = json.loads((out / "log_history.json").read_text())
+    shutil.rmtree(out / "model")
+    (out / "metrics.json").unlink()
+
+    result = run_training(rec, tokenized, out, resume=True)
+    assert Path(result["resumed_from"]).name == "checkpoint-4"
+    assert result["global_step"] == 4
+    again = load_safetensors_dir(out / "model")
+    for k in done:
+        torch.testing.assert_close(again[k], done[k], rtol=0, atol=0, msg=k)
+    steps = [r["step"] for r in json.loads((out / "log_history.json").read_text()) if "loss" in r]
+    assert steps == [r["step"] for r in history if "loss" in r] == [1, 2, 3, 4]
+
+
 def test_resume_refuses_checkpoints_of_other_settings_and_no_resume_starts_over(setup):
     from orpo_core.train import TrainInputError, latest_checkpoint, run_training
 
