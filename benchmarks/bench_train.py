@@ -14,7 +14,7 @@ Reference configuration (keep it fixed, it is the point of comparison):
 * data: ``shared/data/preference/ultrafeedback_binarized_sample_train.jsonl``; the same pairs, in the
   same order, for both (see "Rows" below); ``max_length`` 512, ``max_prompt_length`` 256;
 * optimisation: batch 2 pairs (``per_device_train_batch_size=2``, no accumulation), fp32 on CPU,
-  AdamW (``adamw_torch``, ``--optim``), lr 8e-6 linear schedule, no warmup, weight decay 0, grad-norm clip 1.0,
+  AdamW (``adamw_torch_fused``, the default of transformers 5 and TRL; ``--optim``), lr 8e-6 linear schedule, no warmup, weight decay 0, grad-norm clip 1.0,
   beta 0.1, dropout disabled, no gradient checkpointing (``--gradient-checkpointing``: non-reentrant
   activation checkpointing in both), full fine-tuning (``--peft lora``: the same LoRA adapters, r 16,
   alpha 32, all linear layers, dropout 0, in both), no evaluation, no checkpoints, logging once
@@ -59,12 +59,25 @@ Measurements
   trainers share) (our worker also saves the final model, as ``run_training`` does; TRL's does not);
   ``train peak`` is ``ru_maxrss`` at ``on_train_end``; the per-stage RSS timeline is in the JSON.
 * **peak above the training state**: training peak RSS (``ru_maxrss`` at ``on_train_end``, so our
-  worker's final save is not counted) minus the RSS right after the first optimizer step
-  (``on_step_end`` of step 1, before the next forward, after glibc's ``malloc_trim(0)`` so that
-  activations freed but kept by the allocator are not counted as state), when weights, gradients,
-  AdamW states and imports all exist: the memory that grows with batch and length, which both trainers would
-  otherwise share (CUDA: ``max_memory_allocated`` minus ``memory_allocated`` at that point).
-  Its ours/TRL ratio is ``ratios_vs_trl.<variant>.rss_above_state_ratio`` in the JSON.
+  worker's final save is not counted) minus the training state: weights, gradients, AdamW states
+  and imports, the memory both trainers share whatever the batch. The state is the RSS right after
+  the first optimizer step (``on_step_end`` of step 1, before the next forward, after glibc's
+  ``malloc_trim(0)`` so that activations freed but kept by the allocator are not counted as state)
+  plus the bytes of the trainable parameters' gradients that ``zero_grad(set_to_none=True)`` has
+  just freed there and the next backward allocates again (``state.grads_absent_mib``; the same for
+  both trainers). What is left is the memory that grows with batch and length (CUDA:
+  ``max_memory_allocated`` minus ``memory_allocated`` + the same gradient bytes). Its ours/TRL
+  ratio is ``ratios_vs_trl.<variant>.rss_above_state_ratio`` in the JSON;
+  ``rss_above_state_no_grads_mib`` (and its ratio) is the earlier figure, with the gradients
+  counted as growth.
+* **live heap above the training state** (CPU): the same with the C heap's live bytes
+  (``--heap``: :class:`HeapSampler`, glibc ``mallinfo2`` sampled every 2 ms from the state point on;
+  the sampling slows the steps, so timings come from a run without ``--heap``) instead
+  of the RSS: the tensors alive at once, as ``max_memory_allocated`` counts them on CUDA. The RSS
+  also holds pages glibc keeps after a free (a fragmented heap): on SmolLM2-135M with gradient
+  checkpointing that retention was larger than our live peak (one profiled step: 1.29 GiB RSS
+  vs 0.63 GiB live above the step's start). ``heap_above_state_mib``,
+  ``ratios_vs_trl.<variant>.heap_above_state_ratio``.
 * **MFU**: training FLOPs of the timed steps / their duration / this machine's measured fp32 matmul
   rate (median of timed ``2048 x 2048`` fp32 ``torch.matmul``, measured in each worker right before
   training, same ``torch`` thread count). FLOPs of a row of ``l`` tokens (forward + backward = 3 x
@@ -247,14 +260,78 @@ def model_shape(model_dir: str | Path) -> dict[str, int]:
 
 
 # =========================================================================== workers
-def _recorder(rec: dict[str, Any]):
-    """A ``TrainerCallback`` that appends timestamps and RSS to ``rec``."""
+class HeapSampler:
+    """Peak of the C heap's live bytes, sampled every ``interval_s`` by a daemon thread.
+
+    glibc ``mallinfo2()``: ``uordblks`` (bytes in use in the main arena) + ``hblkhd`` (bytes in
+    mmapped chunks, all threads). Unlike the RSS it does not count memory the allocator keeps
+    after a free (fragmented heap pages), so on CPU it is what ``max_memory_allocated`` is on CUDA:
+    the tensors alive at once. A short spike between two samples can be missed; other threads'
+    arenas are not counted (PyTorch allocates tensors on the calling thread). ``available`` is
+    False without glibc >= 2.33."""
+
+    def __init__(self, interval_s: float = 0.002):
+        import ctypes
+        import threading
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in
+                        ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                         "keepcost")]
+
+        try:
+            self._fn = ctypes.CDLL("libc.so.6").mallinfo2
+            self._fn.restype = MallInfo2
+            self.available = True
+        except (OSError, AttributeError):
+            self._fn, self.available = None, False
+        self.interval_s = interval_s
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def now_mib(self) -> float | None:
+        if not self.available:
+            return None
+        m = self._fn()
+        return (m.uordblks + m.hblkhd) / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now_mib())
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> None:
+        if self.available:
+            self.peak = self.now_mib()
+            self._thread.start()
+
+    def reset_peak(self) -> None:
+        if self.available:
+            self.peak = self.now_mib()
+
+    def stop(self) -> float | None:
+        if not self.available:
+            return None
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self.now_mib())
+
+
+def _recorder(rec: dict[str, Any], heap_sampling: bool = False):
+    """A ``TrainerCallback`` that appends timestamps and RSS (and the C heap's live bytes, see
+    :class:`HeapSampler`) to ``rec``."""
     from transformers import TrainerCallback
+
+    heap = HeapSampler()
+    if not heap_sampling:  # mallinfo2 locks the arena and walks its bins: it slows training (see --heap)
+        heap.available = False
 
     class Recorder(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             rec["t_train_begin"] = time.perf_counter()
             rec["rss"]["train_begin"] = {"now": rss_now_mib(), "max": maxrss_mib()}
+            heap.start()
 
         def on_step_begin(self, args, state, control, **kw):
             _cuda_sync()
@@ -270,15 +347,26 @@ def _recorder(rec: dict[str, Any]):
                 raw = rss_now_mib()
                 trimmed = _malloc_trim()
                 rec["state"] = {"rss_raw": raw, "rss": rss_now_mib() if trimmed else raw, "malloc_trim": trimmed,
-                                "cuda": _cuda_now_mib()}
+                                "cuda": _cuda_now_mib(), "grads_absent_mib": _grads_absent_mib(kw.get("model")),
+                                "heap": heap.now_mib()}
+                heap.reset_peak()  # the peak from here on: steps 2.. (step 1 also builds the AdamW states)
 
         def on_train_end(self, args, state, control, **kw):
             _cuda_sync()
             rec["t_train_end"] = time.perf_counter()
             rec["rss"]["train_end"] = {"now": rss_now_mib(), "max": maxrss_mib()}
             rec["peak_cuda_mib"] = _cuda_peak_mib()
+            rec["peak_heap_mib"] = heap.stop()
 
     return Recorder()
+
+
+def _grads_absent_mib(model) -> float:
+    """MiB of the trainable parameters whose ``.grad`` is None now (freed by
+    ``zero_grad(set_to_none=True)``; the next backward allocates them again)."""
+    if model is None:
+        return 0.0
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and p.grad is None) / 2**20
 
 
 def _cuda_sync() -> None:
@@ -414,7 +502,7 @@ def _worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
         peft_config = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
                                  target_modules=spec["lora_target_modules"], task_type="CAUSAL_LM")
     trainer = BenchORPOTrainer(
-        model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[_recorder(rec)],
+        model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[_recorder(rec, bool(spec.get("heap")))],
         peft_config=peft_config,
     )
     res["init_s"] = time.perf_counter() - t0  # includes TRL's tokenization of the rows
@@ -504,7 +592,7 @@ def _worker_ours(spec: dict[str, Any], fused: bool, prompt_sharing: bool = False
         where="<bench_train>",
     )
     t0 = time.perf_counter()
-    result = run_training(recipe, spec["tokenized_dir"], run_dir / "train", resume=False, callbacks=[_recorder(rec)])
+    result = run_training(recipe, spec["tokenized_dir"], run_dir / "train", resume=False, callbacks=[_recorder(rec, bool(spec.get("heap")))])
     res["run_training_s"] = time.perf_counter() - t0
     if len(rec["batches"]) != max_steps:
         raise RuntimeError(
@@ -668,6 +756,7 @@ def prepare_inputs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "threads": args.threads,
         "matmul_n": args.matmul_n,
         "matmul_reps": args.matmul_reps,
+        "heap": bool(args.heap),
         "eligible_pairs": len(eligible),
         "pairs_total": len(prompt_lens),
     }
@@ -761,9 +850,15 @@ def analyse_run(res: dict[str, Any], spec: dict[str, Any], shape: dict[str, int]
         "state": res["state"],
         "state_rss_mib": res["state"]["rss"],
         # training peak (ru_maxrss at on_train_end): our worker's final save, which TRL's does not do, is excluded
-        "rss_above_state_mib": res["rss"].get("train_end", {}).get("max", res["peak_rss_mib"]) - res["state"]["rss"],
-        "cuda_above_state_mib": (res["peak_cuda_mib"] - res["state"]["cuda"])
+        # (the gradients are part of the state: see the module docstring)
+        "rss_above_state_mib": res["rss"].get("train_end", {}).get("max", res["peak_rss_mib"]) - res["state"]["rss"]
+        - res["state"].get("grads_absent_mib", 0.0),
+        "rss_above_state_no_grads_mib": res["rss"].get("train_end", {}).get("max", res["peak_rss_mib"]) - res["state"]["rss"],
+        "cuda_above_state_mib": (res["peak_cuda_mib"] - res["state"]["cuda"] - res["state"].get("grads_absent_mib", 0.0))
         if res.get("peak_cuda_mib") is not None and res["state"].get("cuda") is not None else None,
+        # the same with the C heap's live bytes (HeapSampler): tensors alive at once, not pages the allocator kept
+        "heap_above_state_mib": (res["peak_heap_mib"] - res["state"]["heap"] - res["state"].get("grads_absent_mib", 0.0))
+        if res.get("peak_heap_mib") is not None and res["state"].get("heap") is not None else None,
         "train_peak_rss_mib": res["rss"].get("train_end", {}).get("max"),
         "rss": res["rss"],
         "step_rss_now_mib": [x["now"] for x in res["step_rss"]],
@@ -795,7 +890,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         by.setdefault(r["kind"], []).append(r)
     keys = ("s_per_step", "cpu_s_per_step", "tokens_per_s", "useful_tokens_per_s", "peak_rss_mib", "train_peak_rss_mib",
             "mfu_useful", "mfu_fed", "matmul_gflops", "achieved_gflops_useful", "padding_fraction", "first_loss",
-            "peak_cuda_mib", "rss_above_imports_mib", "state_rss_mib", "rss_above_state_mib", "cuda_above_state_mib")
+            "peak_cuda_mib", "rss_above_imports_mib", "state_rss_mib", "rss_above_state_mib", "cuda_above_state_mib",
+            "rss_above_state_no_grads_mib", "heap_above_state_mib")
     out: dict[str, Any] = {"variants": {}}
     for kind, rs in by.items():
         v: dict[str, Any] = {"reps": len(rs)}
@@ -827,6 +923,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 else (v["rss_above_state_mib"] / trl["rss_above_state_mib"])
                 if v.get("rss_above_state_mib") and trl.get("rss_above_state_mib") and trl["rss_above_state_mib"] > 0
                 else None,
+                "heap_above_state_ratio": (v["heap_above_state_mib"] / trl["heap_above_state_mib"])
+                if v.get("heap_above_state_mib") is not None and trl.get("heap_above_state_mib") else None,
+                "rss_above_state_no_grads_ratio": (v["rss_above_state_no_grads_mib"] / trl["rss_above_state_no_grads_mib"])
+                if v.get("rss_above_state_no_grads_mib") and trl.get("rss_above_state_no_grads_mib") else None,
                 "train_rss_ratio": (v["train_peak_rss_mib"] / trl["train_peak_rss_mib"])
                 if v.get("train_peak_rss_mib") and trl.get("train_peak_rss_mib") else None,
                 "cuda_memory_ratio": (v["peak_cuda_mib"] / trl["peak_cuda_mib"])
@@ -869,15 +969,21 @@ def format_table(summary: dict[str, Any]) -> str:
             f"peak RSS x{r['rss_ratio']:.2f} "
             f"(target <= {TARGETS['rss_ratio_max']}: {'met' if r['meets_rss_target'] else 'MISSED'}), "
             f"above the imports x{r['rss_above_imports_ratio']:.2f}, "
-            f"above the training state {'x%.2f' % above_state if above_state is not None else '–'}, "
+            f"above the training state {'x%.2f' % above_state if above_state is not None else '–'} "
+            f"(gradients counted as growth: {'x%.2f' % r['rss_above_state_no_grads_ratio'] if r.get('rss_above_state_no_grads_ratio') else '–'}; "
+            f"live heap above the state: {'x%.2f' % r['heap_above_state_ratio'] if r.get('heap_above_state_ratio') is not None else '–'}), "
             f"step time x{r['step_time_ratio']:.2f}, CPU time per step x{r['cpu_time_ratio']:.2f}; "
             f"best reps: throughput x{r['best_throughput_ratio']:.2f}, CPU time x{r['best_cpu_time_ratio']:.2f}"
         )
     for kind, v in summary["variants"].items():
         if v.get("rss_above_state_mib") is not None:
             lines.append(
-                f"{kind}: training state (RSS after the first optimizer step) {v['state_rss_mib'] / 1024:.2f} GiB, "
-                f"peak above it {v['rss_above_state_mib'] / 1024:.2f} GiB"
+                f"{kind}: training state (RSS after the first optimizer step + the gradients freed there) "
+                f"{(v['state_rss_mib'] + (v.get('rss_above_state_no_grads_mib') or 0) - v['rss_above_state_mib']) / 1024:.2f} GiB, "
+                f"peak above it {v['rss_above_state_mib'] / 1024:.2f} GiB "
+                f"(without counting the gradients as state: {(v.get('rss_above_state_no_grads_mib') or 0) / 1024:.2f} GiB; "
+                f"live heap peak above the state: "
+                f"{'%.2f GiB' % (v['heap_above_state_mib'] / 1024) if v.get('heap_above_state_mib') is not None else '–'})"
                 + (f", CUDA above the state {v['cuda_above_state_mib'] / 1024:.2f} GiB" if v.get("cuda_above_state_mib") else "")
             )
     return "\n".join(lines)
@@ -960,7 +1066,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--model tiny: embedding/lm-head rows (e.g. 128256 as SmolLM3); default: the tokenizer's")
     p.add_argument("--lr", type=float, default=8e-6)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--optim", default="adamw_torch", help="TrainingArguments.optim for both trainers")
+    p.add_argument("--optim", default="adamw_torch_fused",
+                   help="TrainingArguments.optim for both trainers (default: transformers' and TRL's default)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--max-prompt-length", type=int, default=256)
     p.add_argument("--seed", type=int, default=42, help="trainer and row-sampling seed")
@@ -968,6 +1075,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=str(DEFAULT_DATA), help="UltraFeedback-style JSONL (prompt/chosen/rejected)")
     p.add_argument("--variants", default="trl,ours", help=f"comma list out of {','.join(VARIANTS)}")
     p.add_argument("--ours-unfused", action="store_true", help="also run our trainer with orpo.fused_loss: false")
+    p.add_argument("--heap", action="store_true",
+                   help="also sample the C heap's live bytes (HeapSampler, every 2 ms): the live-heap memory figures; "
+                   "the sampling thread contends for the allocator's lock and slowed steps by up to 50%%, so take "
+                   "timings from a run without it")
     p.add_argument("--matmul-n", type=int, default=2048)
     p.add_argument("--matmul-reps", type=int, default=7)
     p.add_argument("--worker-timeout", type=float, default=900.0, help="seconds before a worker is killed")
@@ -1069,6 +1180,7 @@ def main(argv: list[str] | None = None) -> int:
             "reps": args.reps,
             "threads": args.threads,
             "omp_wait_policy": args.omp_wait_policy,
+            "heap_sampling": bool(args.heap),
             "cpus": os.cpu_count(),
             "flops_formula": "6*N_nonemb*l + 6*H*V*l + 12*L*H*l^2 per row of l tokens",
         }
