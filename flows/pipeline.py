@@ -160,16 +160,21 @@ def data_flow(recipe: str, overrides: list[str] | None = None) -> dict[str, Any]
 
     Returns:
         ``{"run_name", "out_dir", "stages": {name: state}, "paths": {...}}``.
+
+    Raises:
+        tasks.run_lock.RunFolderBusy: another live run holds the run folder (a pipeline that
+            calls this flow as its remote data stage does so before taking the folder).
     """
     r = load(recipe, overrides)
     d = r.to_dict()
     out = r.out_dir
     states: dict[str, str] = {}
-    prep = run_stage(prepare_task, states, "prepare", recipe=d, out_dir=str(out / "data"))
-    paths = {"data": prep["path"]}
-    if r.model is not None:
-        tok = run_stage(tokenize_task, states, "tokenize", recipe=d, data_dir=prep["path"], out_dir=str(out / "tokenized"))
-        paths["tokenized"] = tok["path"]
+    with run_folder(out):
+        prep = run_stage(prepare_task, states, "prepare", recipe=d, out_dir=str(out / "data"))
+        paths = {"data": prep["path"]}
+        if r.model is not None:
+            tok = run_stage(tokenize_task, states, "tokenize", recipe=d, data_dir=prep["path"], out_dir=str(out / "tokenized"))
+            paths["tokenized"] = tok["path"]
     return {"run_name": r.run_name, "out_dir": str(out), "stages": states, "paths": paths}
 
 

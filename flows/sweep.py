@@ -47,7 +47,7 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.pipeline import eval_metrics, load, run_stage
+from flows.pipeline import eval_metrics, load, run_folder, run_stage
 from tasks import evaluate_task, prepare_task, tokenize_task, train_task
 from tasks.caching import STAGE_FIELDS, hash_obj, recipe_fields
 from tasks.common import artifact_key, json_safe, markdown_artifact, run_logger, table_artifact
@@ -223,6 +223,8 @@ def ablation_sweep(
     Raises:
         ValueError / RecipeError: bad grid or a point that is not a valid recipe (before any work).
         RuntimeError: some points failed (after the table and plot are written).
+        tasks.run_lock.RunFolderBusy: another live sweep holds ``<run>/sweep`` (the run-folder
+            lock of :func:`flows.pipeline.run_folder`, taken after the grid is validated).
     """
     log = run_logger()
     overrides = list(overrides or [])
@@ -251,81 +253,83 @@ def ablation_sweep(
                      "overrides": pt_over})
     if len({p["suffix"] for p in plan}) != len(plan):
         raise ValueError(f"grid points do not have distinct folder names: {[p['suffix'] for p in plan]}")
-    log.info("sweep of %d points: %s", len(plan), ", ".join(p["suffix"] for p in plan))
-    gate, mode = base.eval.gate_metric, base.eval.gate_mode
-    if fan_out:
-        deployment = pipeline_deployment or os.environ.get("ORPO_PIPELINE_DEPLOYMENT") or DEFAULT_PIPELINE_DEPLOYMENT
-        touches_eval = any(k.split(".")[0] in ("model", "eval") for k in grid)
-        rows, failed, base_metrics, base_point = _fan_out_points(plan, recipe, deployment, gate, touches_eval)
-        states: dict[str, str] = {f"point:{r['point']}": r.get("flow_run_state") or "–" for r in rows}
-        return _report(recipe, grid, overrides, base, sweep_dir, rows, failed, base_metrics, base_point, states,
-                       extra_columns=["flow_run", "worker"], fan_out_deployment=deployment, n_points=len(plan))
+    # one sweep at a time per sweep folder (the points' train/eval folders are inside it)
+    with run_folder(sweep_dir):
+        log.info("sweep of %d points: %s", len(plan), ", ".join(p["suffix"] for p in plan))
+        gate, mode = base.eval.gate_metric, base.eval.gate_mode
+        if fan_out:
+            deployment = pipeline_deployment or os.environ.get("ORPO_PIPELINE_DEPLOYMENT") or DEFAULT_PIPELINE_DEPLOYMENT
+            touches_eval = any(k.split(".")[0] in ("model", "eval") for k in grid)
+            rows, failed, base_metrics, base_point = _fan_out_points(plan, recipe, deployment, gate, touches_eval)
+            states: dict[str, str] = {f"point:{r['point']}": r.get("flow_run_state") or "–" for r in rows}
+            return _report(recipe, grid, overrides, base, sweep_dir, rows, failed, base_metrics, base_point, states,
+                           extra_columns=["flow_run", "worker"], fan_out_deployment=deployment, n_points=len(plan))
 
-    # data stages: once per distinct folder, sequentially (shared by the points, usually cached)
-    states: dict[str, str] = {}
-    done: set[Path] = set()
-    for p in plan:
-        d = base_d if p["data_dir"] == base_out / "data" else p["recipe"]
-        if p["data_dir"] not in done:
-            run_stage(prepare_task, states, f"prepare:{p['data_dir']}", recipe=d, out_dir=str(p["data_dir"]))
-            done.add(p["data_dir"])
-        if p["tok_dir"] not in done:
-            d = base_d if p["tok_dir"] == base_out / "tokenized" else p["recipe"]
-            run_stage(tokenize_task, states, f"tokenize:{p['tok_dir']}", recipe=d, data_dir=str(p["data_dir"]), out_dir=str(p["tok_dir"]))
-            done.add(p["tok_dir"])
+        # data stages: once per distinct folder, sequentially (shared by the points, usually cached)
+        states: dict[str, str] = {}
+        done: set[Path] = set()
+        for p in plan:
+            d = base_d if p["data_dir"] == base_out / "data" else p["recipe"]
+            if p["data_dir"] not in done:
+                run_stage(prepare_task, states, f"prepare:{p['data_dir']}", recipe=d, out_dir=str(p["data_dir"]))
+                done.add(p["data_dir"])
+            if p["tok_dir"] not in done:
+                d = base_d if p["tok_dir"] == base_out / "tokenized" else p["recipe"]
+                run_stage(tokenize_task, states, f"tokenize:{p['tok_dir']}", recipe=d, data_dir=str(p["data_dir"]), out_dir=str(p["tok_dir"]))
+                done.add(p["tok_dir"])
 
-    # train (parallel up to max_workers), then evaluate each trained point
-    grid_touches_eval = any(k.split(".")[0] in ("model", "eval") for k in grid)
-    train_futs = [
-        train_task.submit(recipe=p["recipe"], tokenized_dir=str(p["tok_dir"]), out_dir=str(p["out"] / "train")) for p in plan
-    ]
-    eval_futs: list[Any] = [None] * len(plan)
-    for i, (p, fut) in enumerate(zip(plan, train_futs, strict=True)):
-        fut.wait()
-        if fut.state.is_completed():
-            eval_futs[i] = evaluate_task.submit(
-                recipe=p["recipe"],
-                model_dir=str(p["out"] / "train" / "model"),
-                tokenized_dir=str(p["tok_dir"]),
-                out_dir=str(p["out"] / "eval"),
-                compare_base=(i == 0) or grid_touches_eval,
-            )
+        # train (parallel up to max_workers), then evaluate each trained point
+        grid_touches_eval = any(k.split(".")[0] in ("model", "eval") for k in grid)
+        train_futs = [
+            train_task.submit(recipe=p["recipe"], tokenized_dir=str(p["tok_dir"]), out_dir=str(p["out"] / "train")) for p in plan
+        ]
+        eval_futs: list[Any] = [None] * len(plan)
+        for i, (p, fut) in enumerate(zip(plan, train_futs, strict=True)):
+            fut.wait()
+            if fut.state.is_completed():
+                eval_futs[i] = evaluate_task.submit(
+                    recipe=p["recipe"],
+                    model_dir=str(p["out"] / "train" / "model"),
+                    tokenized_dir=str(p["tok_dir"]),
+                    out_dir=str(p["out"] / "eval"),
+                    compare_base=(i == 0) or grid_touches_eval,
+                )
 
-    rows: list[dict[str, Any]] = []
-    failed: list[str] = []
-    base_metrics: dict[str, float] | None = None
-    base_point: str | None = None
-    for i, p in enumerate(plan):
-        row: dict[str, Any] = {"point": p["suffix"], **p["point"]}
-        tstate = train_futs[i].state
-        row["train"] = tstate.name
-        if not tstate.is_completed():
-            row["status"] = f"train failed: {tstate.message}"
-            failed.append(p["suffix"])
+        rows: list[dict[str, Any]] = []
+        failed: list[str] = []
+        base_metrics: dict[str, float] | None = None
+        base_point: str | None = None
+        for i, p in enumerate(plan):
+            row: dict[str, Any] = {"point": p["suffix"], **p["point"]}
+            tstate = train_futs[i].state
+            row["train"] = tstate.name
+            if not tstate.is_completed():
+                row["status"] = f"train failed: {tstate.message}"
+                failed.append(p["suffix"])
+                rows.append(row)
+                continue
+            tres = train_futs[i].result()
+            tm = tres.get("metrics") or {}
+            # metrics.json of orpo_core.train: {"train": {...train_loss...}, "eval": {...eval_loss...}}
+            row["train_loss"] = (tm.get("train") or {}).get("train_loss", tm.get("train_loss"))
+            row["eval_loss"] = (tm.get("eval") or {}).get("eval_loss", tm.get("eval_loss"))
+            efut = eval_futs[i]
+            efut.wait()
+            row["evaluate"] = efut.state.name
+            if not efut.state.is_completed():
+                row["status"] = f"evaluate failed: {efut.state.message}"
+                failed.append(p["suffix"])
+                rows.append(row)
+                continue
+            eres = efut.result()
+            _add_eval_metrics(row, eres["eval_json"], gate)
+            if base_metrics is None:
+                base_metrics = eval_metrics(eres["eval_json"], which="base") or None
+                base_point = p["suffix"]
+            row["status"] = "ok"
+            row["eval_json"] = eres["eval_json"]
             rows.append(row)
-            continue
-        tres = train_futs[i].result()
-        tm = tres.get("metrics") or {}
-        # metrics.json of orpo_core.train: {"train": {...train_loss...}, "eval": {...eval_loss...}}
-        row["train_loss"] = (tm.get("train") or {}).get("train_loss", tm.get("train_loss"))
-        row["eval_loss"] = (tm.get("eval") or {}).get("eval_loss", tm.get("eval_loss"))
-        efut = eval_futs[i]
-        efut.wait()
-        row["evaluate"] = efut.state.name
-        if not efut.state.is_completed():
-            row["status"] = f"evaluate failed: {efut.state.message}"
-            failed.append(p["suffix"])
-            rows.append(row)
-            continue
-        eres = efut.result()
-        _add_eval_metrics(row, eres["eval_json"], gate)
-        if base_metrics is None:
-            base_metrics = eval_metrics(eres["eval_json"], which="base") or None
-            base_point = p["suffix"]
-        row["status"] = "ok"
-        row["eval_json"] = eres["eval_json"]
-        rows.append(row)
-    return _report(recipe, grid, overrides, base, sweep_dir, rows, failed, base_metrics, base_point, states, n_points=len(plan))
+        return _report(recipe, grid, overrides, base, sweep_dir, rows, failed, base_metrics, base_point, states, n_points=len(plan))
 
 
 def _add_eval_metrics(row: dict[str, Any], eval_json: str, gate: str) -> None:

@@ -136,6 +136,13 @@ class Stages:
 
 @pytest.fixture
 def stages(monkeypatch):
+    # the real modules the tasks import lazily, imported before their parents are replaced by
+    # the fakes below (without this the file passed only after other test files had imported them)
+    import orpo_core.distributed  # noqa: F401
+    import orpo_core.evaluation.report  # noqa: F401
+    import orpo_core.model_card  # noqa: F401
+    import orpo_core.tiny  # noqa: F401
+
     st = Stages()
     for mod_name, fn in [
         ("orpo_core.data.prepare", "prepare_dataset"),
@@ -503,6 +510,31 @@ def test_sweep_rejects_bad_grid_before_work(prefect_harness, stages, tmp_path):
     with pytest.raises(ValueError, match="non-empty list"):
         ablation_sweep(recipe=recipe, grid={"orpo.beta": []})
     assert not stages.calls
+
+
+@pytest.mark.prefect
+def test_sweep_and_data_flow_take_the_run_folder_lock(prefect_harness, stages, tmp_path):
+    """A live holder of ``<run>/sweep`` (another sweep) stops a sweep before any stage, and a
+    live holder of ``<run>`` (a pipeline) stops the data flow; both run once it is released."""
+    from flows.pipeline import data_flow
+    from flows.sweep import ablation_sweep
+    from tasks.run_lock import RunFolderBusy, run_folder_lock
+
+    recipe = str(_write_recipe(tmp_path))
+    run = tmp_path / "run"
+    with run_folder_lock(run / "sweep", flow_run_id="other-sweep"):
+        with pytest.raises(RunFolderBusy, match=r"flow run other-sweep"):
+            ablation_sweep(recipe=recipe, grid={"orpo.beta": [0.1, 0.2]})
+    assert not stages.calls
+    with run_folder_lock(run, flow_run_id="a-pipeline"):
+        with pytest.raises(RunFolderBusy, match=r"flow run a-pipeline"):
+            data_flow(recipe=recipe)
+    assert not stages.calls
+
+    assert data_flow(recipe=recipe)["stages"] == {"prepare": "Completed", "tokenize": "Completed"}
+    out = ablation_sweep(recipe=recipe, grid={"orpo.beta": [0.1, 0.2]})
+    assert [r["status"] for r in out["points"]] == ["ok", "ok"]
+    assert len(stages.calls["train"]) == 2
 
 
 # --------------------------------------------------------------------------- retrain
