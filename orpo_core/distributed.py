@@ -534,7 +534,7 @@ def train_distributed(
 
 # --------------------------------------------------------------------------- per-rank entry point
 def _event_callback():
-    from transformers import TrainerCallback
+    from transformers.trainer_callback import TrainerCallback  # the submodule: thread-safe, unlike the lazy top-level name
 
     class EventPrinter(TrainerCallback):
         """Prints rank 0's Trainer events as ``ORPO_EVENT`` JSON lines (steps at most every

@@ -422,7 +422,7 @@ def make_progress_callback(key: str, description: str = "training progress", min
     if not in_prefect_run():
         return None
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
-    from transformers import TrainerCallback
+    from transformers.trainer_callback import TrainerCallback  # the submodule: thread-safe, unlike the lazy top-level name
 
     log = run_logger()
 
