@@ -166,7 +166,7 @@ def _chunked_forward(h, weight, bias, targets, chunk_size, scale, softcap, want_
     return logps, sums, lse
 
 
-def _softmax_head_grads(e, g, w, t, h, weight, grad_w, grad_b, need_h, init=False):
+def _softmax_head_grads(e, g, w, t, h, weight, grad_w, grad_b, need_h):
     """Gradients of ``sum_i g_i * logp_i`` for one chunk, with ``logp_i = z_i[t_i] - lse(z_i)``.
 
     ``d/dz_i = g_i * onehot(t_i) - w_i * e_i`` where ``e`` ``[C, V]`` (compute dtype) is
@@ -175,9 +175,7 @@ def _softmax_head_grads(e, g, w, t, h, weight, grad_w, grad_b, need_h, init=Fals
     operands and the one-hot part is a gather / scatter, so the only ``[C, V]`` work is the
     two matmuls with ``e``. Accumulates into ``grad_w`` ``[V, H]`` / ``grad_b`` ``[V]``
     (compute dtype, either may be None) and returns ``grad_h`` ``[C, H]`` (compute dtype)
-    when ``need_h``, else None. ``init``: ``grad_w`` / ``grad_b`` are uninitialised
-    (``torch.empty``) and this chunk's gradients overwrite them instead (spares a zero fill of
-    the ``[V, H]`` buffer).
+    when ``need_h``, else None.
     """
     cdt = e.dtype
     e_c = e if weight.dtype == cdt else e.to(weight.dtype)  # one low-precision copy for both matmuls
@@ -188,16 +186,11 @@ def _softmax_head_grads(e, g, w, t, h, weight, grad_w, grad_b, need_h, init=Fals
     if grad_w is not None:
         hc = h.to(cdt)
         if weight.dtype == cdt:
-            # beta=0: the old content is ignored (NaN/inf included), per torch.addmm
-            grad_w.addmm_(e.t(), hc * w.unsqueeze(1), beta=0.0 if init else 1.0, alpha=-1.0)
+            grad_w.addmm_(e.t(), hc * w.unsqueeze(1), alpha=-1.0)
         else:  # product in the weight dtype, accumulated in float32
-            if init:
-                grad_w.zero_()
             grad_w -= (e_c.t() @ (hc * w.unsqueeze(1)).to(weight.dtype)).to(cdt)
         grad_w.index_add_(0, t, hc * g.unsqueeze(1))
     if grad_b is not None:
-        if init:
-            grad_b.zero_()
         grad_b -= e.t() @ w
         grad_b.index_add_(0, t, g)
     return gh
@@ -317,11 +310,9 @@ class _OnePassORPO(torch.autograd.Function):
         logps = torch.empty(n, dtype=cdt, device=dev)
         sums = torch.empty(n, dtype=cdt, device=dev)
         grad_h = torch.zeros_like(h_all) if need_h else None
-        # uninitialised: the first group's gradients overwrite them (init=True below)
-        grad_w = torch.empty(weight.shape, dtype=cdt, device=weight.device) if need_w else None
-        grad_b = torch.empty(bias.shape, dtype=cdt, device=bias.device) if need_b else None
+        grad_w = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
         loss = torch.zeros((), dtype=cdt, device=dev)
-        first = True
         buf = _logit_buffer(n, chunk_size, weight)
         half = n_pairs
         for start, end, pair_list in groups:
@@ -351,15 +342,10 @@ class _OnePassORPO(torch.autograd.Function):
             loss += group_loss.detach()
             if scale is not None:
                 g = g * scale  # z = scale * raw: dloss/draw = scale * dloss/dz
-            gh = _softmax_head_grads(e, g, g / s, t, h, weight, grad_w, grad_b, need_h, init=first)
-            first = False
+            gh = _softmax_head_grads(e, g, g / s, t, h, weight, grad_w, grad_b, need_h)
             if gh is not None:
                 grad_h.index_copy_(0, hrows[start:end], gh.to(h_all.dtype))
             del e, z, gh
-        if first:  # no group: no target token
-            for buf_ in (grad_w, grad_b):
-                if buf_ is not None:
-                    buf_.zero_()
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(logps, sums)
