@@ -268,9 +268,10 @@ class HeapSampler:
     after a free (fragmented heap pages), so on CPU it is what ``max_memory_allocated`` is on CUDA:
     the tensors alive at once. A short spike between two samples can be missed; other threads'
     arenas are not counted (PyTorch allocates tensors on the calling thread). ``available`` is
-    False without glibc >= 2.33."""
+    False when not ``enabled`` (``mallinfo2`` takes the arena lock: sampling slows training) or
+    without glibc >= 2.33."""
 
-    def __init__(self, interval_s: float = 0.002):
+    def __init__(self, enabled: bool = True, interval_s: float = 0.002):
         import ctypes
         import threading
 
@@ -279,12 +280,14 @@ class HeapSampler:
                         ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
                          "keepcost")]
 
-        try:
-            self._fn = ctypes.CDLL("libc.so.6").mallinfo2
-            self._fn.restype = MallInfo2
-            self.available = True
-        except (OSError, AttributeError):
-            self._fn, self.available = None, False
+        self._fn, self.available = None, False
+        if enabled:
+            try:
+                self._fn = ctypes.CDLL("libc.so.6").mallinfo2
+                self._fn.restype = MallInfo2
+                self.available = True
+            except (OSError, AttributeError):
+                pass
         self.interval_s = interval_s
         self.peak = 0.0
         self._stop = threading.Event()
@@ -323,9 +326,7 @@ def _recorder(rec: dict[str, Any], heap_sampling: bool = False):
     :class:`HeapSampler`) to ``rec``."""
     from transformers import TrainerCallback
 
-    heap = HeapSampler()
-    if not heap_sampling:  # mallinfo2 locks the arena and walks its bins: it slows training (see --heap)
-        heap.available = False
+    heap = HeapSampler(enabled=heap_sampling)
 
     class Recorder(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -826,6 +827,9 @@ def analyse_run(res: dict[str, Any], spec: dict[str, Any], shape: dict[str, int]
     f_useful = total(ref_rows)
     f_padded = total([[bt["width"]] * len(bt["lengths"]) for bt in timed])
     peak = res["matmul"]["flops"]
+    # training peak (ru_maxrss at on_train_end): our worker's final save, which TRL's does not do, is excluded
+    train_peak = res["rss"].get("train_end", {}).get("max", res["peak_rss_mib"])
+    grads_absent = res["state"].get("grads_absent_mib", 0.0)
     diffs = [fed - ref for bt, rows in zip(timed, ref_rows) for fed, ref in zip(bt["lengths"], rows)]
     return {
         "kind": res["kind"],
@@ -849,15 +853,14 @@ def analyse_run(res: dict[str, Any], spec: dict[str, Any], shape: dict[str, int]
         # grows with batch and length (CUDA: the same with max_memory_allocated / memory_allocated)
         "state": res["state"],
         "state_rss_mib": res["state"]["rss"],
-        # training peak (ru_maxrss at on_train_end): our worker's final save, which TRL's does not do, is excluded
         # (the gradients are part of the state: see the module docstring)
-        "rss_above_state_mib": res["rss"].get("train_end", {}).get("max", res["peak_rss_mib"]) - res["state"]["rss"]
-        - res["state"].get("grads_absent_mib", 0.0),
-        "rss_above_state_no_grads_mib": res["rss"].get("train_end", {}).get("max", res["peak_rss_mib"]) - res["state"]["rss"],
-        "cuda_above_state_mib": (res["peak_cuda_mib"] - res["state"]["cuda"] - res["state"].get("grads_absent_mib", 0.0))
+        "state_with_grads_mib": res["state"]["rss"] + grads_absent,
+        "rss_above_state_mib": train_peak - res["state"]["rss"] - grads_absent,
+        "rss_above_state_no_grads_mib": train_peak - res["state"]["rss"],
+        "cuda_above_state_mib": (res["peak_cuda_mib"] - res["state"]["cuda"] - grads_absent)
         if res.get("peak_cuda_mib") is not None and res["state"].get("cuda") is not None else None,
         # the same with the C heap's live bytes (HeapSampler): tensors alive at once, not pages the allocator kept
-        "heap_above_state_mib": (res["peak_heap_mib"] - res["state"]["heap"] - res["state"].get("grads_absent_mib", 0.0))
+        "heap_above_state_mib": (res["peak_heap_mib"] - res["state"]["heap"] - grads_absent)
         if res.get("peak_heap_mib") is not None and res["state"].get("heap") is not None else None,
         "train_peak_rss_mib": res["rss"].get("train_end", {}).get("max"),
         "rss": res["rss"],
@@ -891,7 +894,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("s_per_step", "cpu_s_per_step", "tokens_per_s", "useful_tokens_per_s", "peak_rss_mib", "train_peak_rss_mib",
             "mfu_useful", "mfu_fed", "matmul_gflops", "achieved_gflops_useful", "padding_fraction", "first_loss",
             "peak_cuda_mib", "rss_above_imports_mib", "state_rss_mib", "rss_above_state_mib", "cuda_above_state_mib",
-            "rss_above_state_no_grads_mib", "heap_above_state_mib")
+            "rss_above_state_no_grads_mib", "heap_above_state_mib", "state_with_grads_mib")
     out: dict[str, Any] = {"variants": {}}
     for kind, rs in by.items():
         v: dict[str, Any] = {"reps": len(rs)}
@@ -979,7 +982,7 @@ def format_table(summary: dict[str, Any]) -> str:
         if v.get("rss_above_state_mib") is not None:
             lines.append(
                 f"{kind}: training state (RSS after the first optimizer step + the gradients freed there) "
-                f"{(v['state_rss_mib'] + (v.get('rss_above_state_no_grads_mib') or 0) - v['rss_above_state_mib']) / 1024:.2f} GiB, "
+                f"{v['state_with_grads_mib'] / 1024:.2f} GiB, "
                 f"peak above it {v['rss_above_state_mib'] / 1024:.2f} GiB "
                 f"(without counting the gradients as state: {(v.get('rss_above_state_no_grads_mib') or 0) / 1024:.2f} GiB; "
                 f"live heap peak above the state: "
