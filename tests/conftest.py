@@ -41,6 +41,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_tok(tiny_model_dir):
+    """The tokenizer of :func:`tiny_model_dir`."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
     """One Prefect test server for the whole session (about 15 s to start)."""
     from prefect.testing.utilities import prefect_test_harness

@@ -23,12 +23,8 @@ from orpo_core.packing import (
 from orpo_core.sharing import build_shared_batch, gather_pair_rows, layout_cost, sharing_pays
 from orpo_core.trainer import ORPOTrainer
 
-from orpo_train_entry import make_recipe
+from layout_checks import assert_same_outputs, layout_trainer, loss_and_grads
 
-TRL_NAMES = [
-    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-    "logps/rejected", "logits/chosen", "logits/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen",
-]
 SPEC = [(3, 9, 2), (12, 1, 7), (6, 4, 4), (1, 3, 10)]  # different P, C, R; padding in every layout
 
 
@@ -129,30 +125,6 @@ def test_segment_attention_equals_dense_masked_sdpa():
 
 
 # --------------------------------------------------------------------------- equality with the padded forward
-def _loss_and_grads(tr, batch, padding_free, sharing):
-    model = tr.model
-    tr.padding_free = padding_free
-    tr.prompt_sharing = sharing
-    model.zero_grad()
-    out, _ = tr.orpo_forward(model, batch, beta=0.3, alpha=1.0)
-    out.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out, grads
-
-
-def _assert_same(a, b, grads_a, grads_b, tol=1e-5):
-    torch.testing.assert_close(a.loss, b.loss, rtol=tol, atol=0.0)
-    torch.testing.assert_close(a.chosen_logps, b.chosen_logps, rtol=tol, atol=0.0)
-    torch.testing.assert_close(a.rejected_logps, b.rejected_logps, rtol=tol, atol=0.0)
-    for k in TRL_NAMES:
-        torch.testing.assert_close(a.metrics[k], b.metrics[k], rtol=tol, atol=1e-6, msg=k)
-    assert grads_a.keys() == grads_b.keys() and grads_a
-    for n in grads_a:
-        scale = float(grads_b[n].abs().max())
-        err = float((grads_a[n] - grads_b[n]).abs().max())
-        assert err <= tol * max(scale, 1e-6), f"{n}: max |diff| {err:.3g} vs max |grad| {scale:.3g}"
-
-
 def _spy(tr):
     calls = []
     real_forward = tr.model.forward
@@ -165,31 +137,10 @@ def _spy(tr):
     return calls
 
 
-@pytest.fixture(scope="module")
-def tiny_tok(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
-
-
-def _smollm3_trainer(tmp_path, tiny_model_dir, tok, dataset, *, attn="sdpa", peft=None, orpo=None, **train):
-    from orpo_core.modeling import load_model
-    from orpo_core.train import build_training_args
-
-    sections = {
-        "model": {"name_or_path": str(tiny_model_dir), "dtype": "float32", "attn_implementation": attn},
-        "train": {"group_by_length": False, "logging_steps": 1, **train},
-        "orpo": {"padding_free": True, "prompt_sharing": False, **(orpo or {})},
-    }
-    if peft:
-        sections["peft"] = peft
-    recipe = make_recipe(tmp_path / "run", **sections)
-    model = load_model(recipe, tok, added_tokens=False)
-    args = build_training_args(recipe, tmp_path / "run" / "train", has_eval=False)
-    return ORPOTrainer(
-        model=model, args=args, orpo=recipe.orpo, group_by_length=False, train_dataset=dataset,
-        data_collator=ORPODataCollator(tok.pad_token_id), processing_class=tok,
-    )
+def _smollm3_trainer(tmp_path, tiny_model_dir, tok, dataset, *, orpo=None, **kw):
+    """The tiny SmolLM3 model, padding-free on and prompt sharing off unless ``orpo`` says otherwise."""
+    return layout_trainer(tmp_path, tiny_model_dir, tok, dataset,
+                          orpo={"padding_free": True, "prompt_sharing": False, **(orpo or {})}, **kw)
 
 
 @pytest.mark.parametrize(
@@ -210,9 +161,9 @@ def test_packed_equals_padded_smollm3(tmp_path, tiny_model_dir, tiny_tok, attn, 
     assert base.config._attn_implementation == (SEGMENT_SDPA if attn == "sdpa" else "eager")
     batch = tr._prepare_inputs(ORPODataCollator(tiny_tok.pad_token_id)(rows))
     calls = _spy(tr)
-    plain, g_plain = _loss_and_grads(tr, batch, False, False)
-    packed, g_packed = _loss_and_grads(tr, batch, True, False)
-    shared, g_shared = _loss_and_grads(tr, batch, True, True)
+    plain, g_plain = loss_and_grads(tr, batch, padding_free=False, sharing=False)
+    packed, g_packed = loss_and_grads(tr, batch, padding_free=True, sharing=False)
+    shared, g_shared = loss_and_grads(tr, batch, padding_free=True, sharing=True)
     n_plain = sum(2 * p + c + r for p, c, r in SPEC)
     n_shared = sum(p + c + r for p, c, r in SPEC)
     segments = attn == "sdpa"
@@ -221,8 +172,8 @@ def test_packed_equals_padded_smollm3(tmp_path, tiny_model_dir, tiny_tok, attn, 
         ((1, n_plain), segments, False),  # plain packing: segments, or transformers' packed mask (eager)
         ((1, n_shared), segments, not segments),  # shared packing under eager: the dense 4D mask
     ]
-    _assert_same(packed, plain, g_packed, g_plain)
-    _assert_same(shared, plain, g_shared, g_plain)
+    assert_same_outputs(packed, plain, g_packed, g_plain)
+    assert_same_outputs(shared, plain, g_shared, g_plain)
 
 
 def _llama(attn, **cfg):
@@ -252,10 +203,10 @@ def test_packed_equals_padded_llama(tmp_path, attn, checkpointing):
         model.train()
     tr = _plain_trainer(tmp_path, model, padding_free=True, prompt_sharing=False)
     batch = ORPODataCollator(0)(rows)
-    plain, g_plain = _loss_and_grads(tr, batch, False, False)
+    plain, g_plain = loss_and_grads(tr, batch, padding_free=False, sharing=False)
     for share in (False, True):
-        packed, g_packed = _loss_and_grads(tr, batch, True, share)
-        _assert_same(packed, plain, g_packed, g_plain)
+        packed, g_packed = loss_and_grads(tr, batch, padding_free=True, sharing=share)
+        assert_same_outputs(packed, plain, g_packed, g_plain)
 
 
 def test_sliding_window_plain_uses_transformers_mask_and_shared_raises(tmp_path):
@@ -271,12 +222,12 @@ def test_sliding_window_plain_uses_transformers_mask_and_shared_raises(tmp_path)
     rows = _rows(SPEC)
     batch = ORPODataCollator(0)(rows)
     calls = _spy(tr)
-    plain, g_plain = _loss_and_grads(tr, batch, False, False)
-    packed, g_packed = _loss_and_grads(tr, batch, True, False)
+    plain, g_plain = loss_and_grads(tr, batch, padding_free=False, sharing=False)
+    packed, g_packed = loss_and_grads(tr, batch, padding_free=True, sharing=False)
     assert calls[1] == ((1, sum(2 * p + c + r for p, c, r in SPEC)), False, False)
-    _assert_same(packed, plain, g_packed, g_plain)
+    assert_same_outputs(packed, plain, g_packed, g_plain)
     with pytest.raises(NotImplementedError, match="sliding window"):
-        _loss_and_grads(tr, batch, True, True)
+        loss_and_grads(tr, batch, padding_free=True, sharing=True)
     tr.prompt_sharing = "auto"  # auto never shares past the window
     assert not tr.share_batch(model.config, batch)
 

@@ -17,19 +17,7 @@ from orpo_core.sharing import (
 )
 from orpo_core.trainer import ORPOTrainer
 
-from orpo_train_entry import make_recipe
-
-TRL_NAMES = [
-    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-    "logps/rejected", "logits/chosen", "logits/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_tok(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+from layout_checks import TRL_NAMES, assert_same_outputs, layout_trainer, loss_and_grads
 
 
 def _rows(tok, spec, seed=0):
@@ -47,28 +35,12 @@ def _rows(tok, spec, seed=0):
 SPEC = [(3, 9, 2), (12, 1, 7), (6, 4, 4), (1, 3, 10)]  # different P, C, R; padding in every layout
 
 
-def _trainer(tmp_path, tiny_model_dir, tok, dataset, *, attn="sdpa", peft=None, orpo=None, eval_dataset=None, **train):
-    from orpo_core.modeling import load_model
-    from orpo_core.train import build_training_args
-
-    sections = {
-        "model": {"name_or_path": str(tiny_model_dir), "dtype": "float32", "attn_implementation": attn},
-        "train": {"group_by_length": False, "logging_steps": 1, **train},
-        "orpo": {"prompt_sharing": True, "padding_free": False, **(orpo or {})},
-    }
-    if peft:
-        sections["peft"] = peft
-    recipe = make_recipe(tmp_path / "run", **sections)
-    model = load_model(recipe, tok, added_tokens=False)
-    args = build_training_args(recipe, tmp_path / "run" / "train", has_eval=eval_dataset is not None)
-    return ORPOTrainer(
-        model=model, args=args, orpo=recipe.orpo, group_by_length=recipe.train.group_by_length,
-        train_dataset=dataset, eval_dataset=eval_dataset, data_collator=ORPODataCollator(tok.pad_token_id),
-        processing_class=tok,
-    )
+def _trainer(tmp_path, tiny_model_dir, tok, dataset, *, orpo=None, **kw):
+    """The tiny SmolLM3 model, prompt sharing on and padding-free off unless ``orpo`` says otherwise."""
+    return layout_trainer(tmp_path, tiny_model_dir, tok, dataset,
+                          orpo={"prompt_sharing": True, "padding_free": False, **(orpo or {})}, **kw)
 
 
-# --------------------------------------------------------------------------- layout
 def test_shared_layout_ids_positions_mask_and_gather():
     feats = [
         {"prompt_input_ids": [1, 2, 3], "chosen_input_ids": [4, 5], "rejected_input_ids": [6]},
@@ -147,29 +119,6 @@ def test_length_grouping_uses_shared_lengths(tmp_path, tiny_model_dir, tiny_tok)
 
 
 # --------------------------------------------------------------------------- equality with the unshared forward
-def _loss_and_grads(tr, batch, sharing):
-    model = tr.model
-    tr.prompt_sharing = sharing
-    model.zero_grad()
-    out, _ = tr.orpo_forward(model, batch, beta=0.3, alpha=1.0)
-    out.loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out, grads
-
-
-def _assert_same(a, b, grads_a, grads_b, tol=1e-5):
-    torch.testing.assert_close(a.loss, b.loss, rtol=tol, atol=0.0)
-    for k in TRL_NAMES:
-        torch.testing.assert_close(a.metrics[k], b.metrics[k], rtol=tol, atol=1e-6, msg=k)
-    torch.testing.assert_close(a.chosen_logps, b.chosen_logps, rtol=tol, atol=0.0)
-    torch.testing.assert_close(a.rejected_logps, b.rejected_logps, rtol=tol, atol=0.0)
-    assert grads_a.keys() == grads_b.keys() and grads_a
-    for n in grads_a:
-        scale = float(grads_b[n].abs().max())
-        err = float((grads_a[n] - grads_b[n]).abs().max())
-        assert err <= tol * max(scale, 1e-6), f"{n}: max |diff| {err:.3g} vs max |grad| {scale:.3g}"
-
-
 @pytest.mark.parametrize(
     ("attn", "fused", "peft"),
     [
@@ -193,11 +142,11 @@ def test_shared_forward_equals_unshared(tmp_path, tiny_model_dir, tiny_tok, attn
         return real_forward(*args, **kw)
 
     tr.model.forward = spy
-    shared, g_shared = _loss_and_grads(tr, batch, True)
-    plain, g_plain = _loss_and_grads(tr, batch, False)
+    shared, g_shared = loss_and_grads(tr, batch, sharing=True)
+    plain, g_plain = loss_and_grads(tr, batch, sharing=False)
     # the shared forward ran B rows of max(P + C + R); the plain one 2B rows of max(P + max(C, R))
     assert calls == [(4, max(p + c + r for p, c, r in SPEC)), (8, max(p + max(c, r) for p, c, r in SPEC))]
-    _assert_same(shared, plain, g_shared, g_plain)
+    assert_same_outputs(shared, plain, g_shared, g_plain)
 
 
 def test_training_accumulation_and_eval_match_unshared(tmp_path, tiny_model_dir, tiny_tok):

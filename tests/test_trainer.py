@@ -14,31 +14,11 @@ from orpo_core.collator import LengthGroupedPairSampler, ORPODataCollator, pair_
 from orpo_core.config import ScheduleConfig
 from orpo_core.trainer import METRIC_NAMES, NonFiniteLossError, ORPOTrainer, schedule_value
 
+from layout_checks import TRL_NAMES
 from orpo_train_entry import build_tokenized, hand_tokenized, make_recipe
-
-TRL_NAMES = [
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-    "nll_loss",
-    "log_odds_ratio",
-    "log_odds_chosen",
-]
 
 
 # --------------------------------------------------------------------------- helpers
-@pytest.fixture(scope="module")
-def tiny_tok(tiny_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
-
-
 def _trainer(tmp_path, tiny_model_dir, tok, dataset, eval_dataset=None, model=None, peft=None, **train):
     """ORPOTrainer on the session tiny model (hidden 64, 2 layers) via the real
     build_training_args/load_model path."""
