@@ -30,8 +30,8 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from orpo_core.fused import orpo_loss_from_hidden
-    from orpo_core.loss import orpo_loss_from_logits
+    from orpo_core.training.fused import orpo_loss_from_hidden
+    from orpo_core.training.loss import orpo_loss_from_logits
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

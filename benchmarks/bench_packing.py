@@ -104,9 +104,9 @@ def worker(spec: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-    from orpo_core.collator import ORPODataCollator
+    from orpo_core.training.collator import ORPODataCollator
     from orpo_core.config import ORPOConfig
-    from orpo_core.trainer import ORPOTrainer
+    from orpo_core.training.trainer import ORPOTrainer
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)

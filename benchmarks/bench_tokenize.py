@@ -13,7 +13,7 @@ ids, chat template included:
 Rows: ``shared/data/preference/ultrafeedback_binarized_sample_train.jsonl`` (1,000
 real UltraFeedback pairs) cycled to ``--rows`` (synthetic arithmetic rows when the
 shared folder is absent). Tokenizer: GPT-2 BPE from ``shared/data/tokenizers/gpt2``
-with ChatML added (:func:`orpo_core.chat.setup_chat_format`); byte-level tiny
+with ChatML added (:func:`orpo_core.models.chat.setup_chat_format`); byte-level tiny
 tokenizer when absent. max_length 1024, max_prompt_length 512 (the installed TRL's
 ORPO ``tokenize_row`` has no prompt truncation any more; it only cuts completions to
 ``max_length - len(prompt)``).
@@ -66,7 +66,7 @@ def load_rows(n: int) -> tuple[list[dict], str]:
                 )
         what = f"{path.name} ({len(base)} rows) cycled"
     else:
-        from orpo_core.synthetic import generate_arithmetic
+        from orpo_core.data.synthetic.arithmetic import generate_arithmetic
 
         base = generate_arithmetic(min(n, 2000), seed=0)
         what = "synthetic arithmetic rows (shared data absent)"
@@ -74,8 +74,8 @@ def load_rows(n: int) -> tuple[list[dict], str]:
 
 
 def load_tok():
-    from orpo_core.chat import setup_chat_format
-    from orpo_core.tiny import build_tiny_tokenizer
+    from orpo_core.models.chat import setup_chat_format
+    from orpo_core.models.tiny import build_tiny_tokenizer
 
     d = SHARED / "tokenizers" / "gpt2"
     if not (d / "vocab.json").is_file():

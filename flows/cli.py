@@ -1,7 +1,7 @@
 """The ``orpo`` command line.
 
 Stage commands (``prep``, ``train``, ``eval``) call ``orpo_core`` directly and need no
-Prefect server (``train`` holds the run-folder lock, :mod:`tasks.run_lock`). Orchestrated
+Prefect server (``train`` holds the run-folder lock, :mod:`orpo_core.runs.lock`). Orchestrated
 commands (``run``, ``sweep``, ``push``) run Prefect flows: with ``PREFECT_API_URL`` unset a
 temporary local server is started that dies with this process, also on ``kill -9``
 (:mod:`flows.ephemeral_server`), otherwise they report to the server it names. Every command takes ``--set section.key=value``
@@ -110,14 +110,14 @@ def _fail(e: BaseException) -> None:
         DataError = RecipeError  # type: ignore
     bad_input: tuple[type[BaseException], ...] = (RecipeError, DataError, FileNotFoundError)
     try:
-        from orpo_core.hub import HubError
+        from orpo_core.publish.hub import HubError
 
         bad_input += (HubError,)
     except ImportError:  # pragma: no cover
         pass
     try:
         from orpo_core.evaluation.errors import EvalInputError
-        from orpo_core.model_sources import ModelSourceError
+        from orpo_core.models.sources import ModelSourceError
 
         bad_input += (EvalInputError, ModelSourceError)
     except ImportError:  # pragma: no cover
@@ -176,8 +176,8 @@ def train(
     """Train with ORPO from the tokenized Parquet (run `orpo prep` first)."""
     _setup_env()
     r = _load(recipe, set_)
-    from orpo_core.train import run_training
-    from tasks.run_lock import run_folder_lock
+    from orpo_core.training.run import run_training
+    from orpo_core.runs.lock import run_folder_lock
 
     out = r.out_dir
     try:
@@ -212,8 +212,7 @@ def eval_(
     _setup_env()
     r = _load(recipe, set_)
     from orpo_core.evaluation import run_evaluation
-    from orpo_core.model_sources import resolve_model_source
-    from orpo_core.tiny import resolve_model_path
+    from orpo_core.models.sources import resolve_model_source
 
     out = r.out_dir
     trained_dir = out / "train" / "model"
@@ -232,18 +231,13 @@ def eval_(
                 )
         is_trained = model_dir.expanduser().resolve() == trained_dir.resolve()
         if not base:
-            r.eval.compare_base = False  # run_evaluation reads the recipe: None alone means "derive the base"
-        base_model = resolve_model_path(mcfg, out, seed=r.seed) if r.eval.compare_base else None
-        if base_model is not None and Path(base_model).exists() and Path(base_model).resolve() == model_dir.expanduser().resolve():
-            console.print("[yellow]the model is the recipe's base model: evaluated once, without a comparison[/yellow]")
-            r.eval.compare_base, base_model = False, None
+            r.eval.compare_base = False  # run_evaluation derives the base model from the recipe otherwise
         label = "model" if (model and not is_trained and not r.eval.compare_base) else None
         result = run_evaluation(
             r,
             model_dir,
             out / "tokenized",
             out / "eval",
-            base_model=base_model,
             log_history=log_history if (is_trained and log_history.is_file()) else None,
             allow_unprepared=bool(model),
             model_label=label,

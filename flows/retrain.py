@@ -2,7 +2,7 @@
 
 ``retrain(recipe)`` runs under the run-folder lock (:func:`flows.pipeline.run_folder`) and:
 
-1. fingerprints the inputs without preparing them (:func:`tasks.data_version.data_version`:
+1. fingerprints the inputs without preparing them (:func:`orpo_core.runs.data_version.data_version`:
    local files' content, a pinned Hub revision or the commit the Hub serves now, plus the
    resolved recipe) and compares with the last decision in ``<run>/retrain/decisions.jsonl``;
 2. unchanged inputs (and the last run's model still on disk): records ``skipped`` and stops, no
@@ -26,16 +26,17 @@ cron schedule in ``prefect.yaml``.
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
-from flows.pipeline import PUBLISHED_RECORD, eval_metrics, load, run_folder, run_stage, write_published_record
+from flows.runs import PUBLISHED_RECORD, eval_metrics, load, run_folder, run_stage, write_published_record
 from tasks import evaluate_task, last_published_task, prepare_task, push_task, tokenize_task, train_task
-from tasks.common import artifact_key, fmt_value, json_safe, markdown_artifact, run_logger
+from orpo_core.io import atomic_write_json, fmt_value, json_safe
+from tasks.artifacts import artifact_key, markdown_artifact
+from tasks.logs import run_logger
 
 
 def gate_decision(new: float | None, previous: float | None, mode: str = "max") -> tuple[bool, str]:
@@ -75,10 +76,7 @@ def write_decision(out_dir: str | Path, decision: dict[str, Any]) -> Path:
     line = json.dumps(json_safe(decision), sort_keys=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
-    last = out / LAST_DECISION
-    tmp = last.with_name(f".{last.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(decision), indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, last)
+    atomic_write_json(out / LAST_DECISION, decision, sort_keys=True)
     return path
 
 
@@ -119,7 +117,7 @@ def retrain(recipe: str, overrides: list[str] | None = None, force: bool = False
         "metrics": {...}, "decision_file"}``.
 
     Raises:
-        tasks.run_lock.RunFolderBusy: another live run holds the run folder.
+        orpo_core.runs.lock.RunFolderBusy: another live run holds the run folder.
     """
     r = load(recipe, overrides)
     r.require_model()
@@ -130,7 +128,7 @@ def retrain(recipe: str, overrides: list[str] | None = None, force: bool = False
 
 def _retrain(r, out: Path, force: bool) -> dict[str, Any]:
     """The body of :func:`retrain`, run while holding the run folder."""
-    from tasks.data_version import data_version
+    from orpo_core.runs.data_version import data_version
 
     d = r.to_dict()
     log = run_logger()

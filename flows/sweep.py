@@ -47,10 +47,12 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.pipeline import eval_metrics, load, run_folder, run_stage
+from flows.runs import eval_metrics, load, run_folder, run_stage
 from tasks import evaluate_task, prepare_task, tokenize_task, train_task
-from tasks.caching import STAGE_FIELDS, hash_obj, recipe_fields
-from tasks.common import artifact_key, json_safe, markdown_artifact, run_logger, table_artifact
+from orpo_core.stages import fields_hash
+from orpo_core.io import atomic_write, atomic_write_text, json_safe
+from tasks.artifacts import artifact_key, markdown_artifact, table_artifact
+from tasks.logs import run_logger
 
 SWEEP_DIR = "sweep"
 DEFAULT_PIPELINE_DEPLOYMENT = "orpo-pipeline/orpo-pipeline-gpu"
@@ -128,7 +130,7 @@ def point_suffix(point: dict[str, Any], abbr: dict[str, str]) -> str:
 
 
 def _data_keys(d: dict[str, Any]) -> tuple[str, str]:
-    return hash_obj(recipe_fields(d, STAGE_FIELDS["prepare"])), hash_obj(recipe_fields(d, STAGE_FIELDS["tokenize"]))
+    return fields_hash(d, "prepare"), fields_hash(d, "tokenize")
 
 
 # --------------------------------------------------------------------------- report
@@ -144,7 +146,7 @@ def _md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def _ci(eval_json: str | None, metric: str) -> tuple[float, float] | None:
-    from orpo_core.model_card import extract_metrics, pick_label
+    from orpo_core.evaluation.results import extract_metrics, pick_label
 
     if not eval_json or not Path(eval_json).is_file():
         return None
@@ -183,18 +185,9 @@ def plot_sweep(rows: list[dict[str, Any]], metrics: list[str], path: Path, base:
         ax.set_title(metric)
         ax.set_xlabel("grid point")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- flow
@@ -223,7 +216,7 @@ def ablation_sweep(
     Raises:
         ValueError / RecipeError: bad grid or a point that is not a valid recipe (before any work).
         RuntimeError: some points failed (after the table and plot are written).
-        tasks.run_lock.RunFolderBusy: another live sweep holds ``<run>/sweep`` (the run-folder
+        orpo_core.runs.lock.RunFolderBusy: another live sweep holds ``<run>/sweep`` (the run-folder
             lock of :func:`flows.pipeline.run_folder`, taken after the grid is validated).
     """
     log = run_logger()
@@ -310,7 +303,7 @@ def ablation_sweep(
                 continue
             tres = train_futs[i].result()
             tm = tres.get("metrics") or {}
-            # metrics.json of orpo_core.train: {"train": {...train_loss...}, "eval": {...eval_loss...}}
+            # metrics.json of orpo_core.training.run: {"train": {...train_loss...}, "eval": {...eval_loss...}}
             row["train_loss"] = (tm.get("train") or {}).get("train_loss", tm.get("train_loss"))
             row["eval_loss"] = (tm.get("eval") or {}).get("eval_loss", tm.get("eval_loss"))
             efut = eval_futs[i]
@@ -388,8 +381,8 @@ def _report(
             "paths": {"json": str(sweep_dir / "sweep.json"), "md": str(sweep_dir / "sweep.md"), "png": str(png)},
         }
     )
-    _write_text(sweep_dir / "sweep.json", json.dumps(summary, indent=2))
-    _write_text(sweep_dir / "sweep.md", md)
+    atomic_write_text(sweep_dir / "sweep.json", json.dumps(summary, indent=2))
+    atomic_write_text(sweep_dir / "sweep.md", md)
     table_artifact(table_rows, artifact_key(base.run_name, "sweep"), f"Ablation sweep of {base.run_name} over {list(grid)}")
     markdown_artifact(md, artifact_key(base.run_name, "sweep-report"), f"Ablation sweep report of {base.run_name}")
     log.info("sweep table: %s", sweep_dir / "sweep.md")

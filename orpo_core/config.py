@@ -13,7 +13,7 @@ Sections
 ``orpo``   the objective: ``alpha`` (NLL weight) and ``beta`` (TRL's name for
            the paper's lambda, weight of the odds-ratio term).
 ``train``  optimisation and Trainer settings; ``train.distributed`` several processes /
-           machines with DDP, FSDP or DeepSpeed ZeRO (:mod:`orpo_core.distributed`).
+           machines with DDP, FSDP or DeepSpeed ZeRO (:mod:`orpo_core.training.launch`).
 ``peft``   full fine-tuning, LoRA or QLoRA.
 ``eval``   held-out preference metrics, perplexity, lm-eval tasks.
 ``hub``    publishing to the Hugging Face Hub.
@@ -22,13 +22,16 @@ Sections
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+#: the project's shared data folder (``../shared`` beside the checkout; ``$ORPO_SHARED_DIR`` overrides)
+SHARED_DIR = Path(os.environ.get("ORPO_SHARED_DIR", Path(__file__).resolve().parent.parent.parent / "shared"))
 
 
 class RecipeError(ValueError):
@@ -65,7 +68,7 @@ class ModelConfig(_Strict):
     name_or_path: str = Field(
         ...,
         description="Hub id, local folder, a .gguf file, a packaged model's short name "
-        "(smollm2-135m-instruct; orpo_core.model_sources), or 'tiny' for a locally built random model",
+        "(smollm2-135m-instruct; orpo_core.models.sources), or 'tiny' for a locally built random model",
     )
     revision: str | None = None
     gguf_file: str | None = Field(
@@ -110,9 +113,9 @@ class BinarizeConfig(_Strict):
 class SyntheticConfig(_Strict):
     """The project's own seeded, learnable preference set (offline default).
 
-    ``arithmetic``: tiny tasks for the random-init smoke model (``orpo_core.synthetic``).
+    ``arithmetic``: tiny tasks for the random-init smoke model (``orpo_core.data.synthetic.arithmetic``).
     ``instructions``: prompts with IFEval-style verifiable constraints
-    (``orpo_core.instructions``); ``n_rows`` is split into ``round(n_rows * data.test_size)``
+    (``orpo_core.data.synthetic.instructions``); ``n_rows`` is split into ``round(n_rows * data.test_size)``
     held-out rows, generated from (constraint combination, topic) keys that the
     training rows never use, and the rest for training.
     """
@@ -203,12 +206,12 @@ class ORPOConfig(_Strict):
     )
     prompt_sharing: bool | Literal["auto"] = Field(
         "auto",
-        description="compute each pair's prompt once ([prompt | chosen | rejected] row, orpo_core/sharing.py); "
+        description="compute each pair's prompt once ([prompt | chosen | rejected] row, orpo_core/training/sharing.py); "
         "auto: per batch when the model supports it and the estimated cost is lower by a margin (sharing_pays)",
     )
     padding_free: bool | Literal["auto"] = Field(
         "auto",
-        description="pack each batch into one row without padding (orpo_core/packing.py); auto: on for "
+        description="pack each batch into one row without padding (orpo_core/training/packing.py); auto: on for "
         "supported decoders with sdpa or flash attention, off otherwise (eager would need a dense mask)",
     )
     router_aux_loss_coef: float | None = Field(None, ge=0, description="MoE aux loss weight (None: model config)")
@@ -266,7 +269,7 @@ class DeepSpeedZeroConfig(_Strict):
 
 
 class DistributedConfig(_Strict):
-    """Several training processes (``accelerate launch``, written by :mod:`orpo_core.distributed`).
+    """Several training processes (``accelerate launch``, written by :mod:`orpo_core.training.launch`).
 
     ``num_processes`` is the total over all machines (accelerate's meaning); ``auto`` is the
     number of visible CUDA GPUs times ``num_machines`` (1 on a CPU-only host). One process on
@@ -437,15 +440,6 @@ class Recipe(_Strict):
         if self.model is None:
             raise RecipeError("this command needs a 'model' section in the recipe")
         return self.model
-
-    def section_hash(self, *sections: str) -> str:
-        """sha256 (hex, 16 chars) of the named sections' canonical JSON, for cache keys."""
-        payload = {s: self._dump_section(s) for s in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    def _dump_section(self, name: str) -> Any:
-        value = getattr(self, name)
-        return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,10 +1,10 @@
 """Prefect tasks of the ORPO pipeline: thin wrappers over ``orpo_core`` that pass paths, never tensors.
 
 One task per stage (prepare, tokenize, train, evaluate, push). The four data and
-model stages are cached on content (:mod:`tasks.caching`) and persist small JSON
+model stages are cached on content (:mod:`orpo_core.runs.cache`) and persist small JSON
 results; every task retries with exponential backoff, transient errors only
-(:func:`tasks.common.is_transient`). :mod:`tasks.run_lock` gives a run folder to
-one run at a time; :mod:`tasks.data_version` tells retraining whether the data changed.
+(:func:`orpo_core.runs.retry.is_transient`). :mod:`orpo_core.runs.lock` gives a run folder to
+one run at a time; :mod:`orpo_core.runs.data_version` tells retraining whether the data changed.
 """
 
 from .evaluate import evaluate_task

@@ -8,21 +8,16 @@ from typing import Any
 
 from prefect import task
 
-from .caching import log_history_path
-from .common import (
-    artifact_key,
-    cached_task_options,
-    json_safe,
-    load_recipe_dict,
-    markdown_artifact,
-    stage_run,
-    table_artifact,
-)
+from orpo_core.runs.cache import log_history_path
+from orpo_core.io import json_safe
+from .artifacts import artifact_key, markdown_artifact, table_artifact
+from .options import cached_task_options, load_recipe_dict
+from .stage import stage_run
 
 
 def eval_table_rows(eval_data: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows ``{metric, <model label>..., delta}`` of an eval.json for a table artifact."""
-    from orpo_core.model_card import extract_metrics, pick_label
+    from orpo_core.evaluation.results import extract_metrics, pick_label
 
     metrics = extract_metrics(eval_data)
     trained = pick_label(metrics, "trained")
@@ -60,7 +55,7 @@ def evaluate_task(
 ) -> dict[str, Any]:
     """Evaluate ``model_dir`` into ``out_dir`` (``<run>/eval``).
 
-    The base model (``recipe.model`` resolved with ``orpo_core.tiny.resolve_model_path``
+    The base model (``recipe.model`` resolved with ``orpo_core.models.sources.resolve_model_path``
     under the run folder) is evaluated too when ``compare_base`` and ``eval.compare_base``.
     ``log_history.json`` next to the model folder feeds the training curves.
 
@@ -70,11 +65,10 @@ def evaluate_task(
         the tokenized data's content, the eval and model sections, the seed and the code version.
     """
     from orpo_core.evaluation import run_evaluation
-    from orpo_core.model_card import metric_value
-    from orpo_core.tiny import resolve_model_path
+    from orpo_core.evaluation.results import metric_value
 
     r = load_recipe_dict(recipe)
-    model = r.require_model()
+    r.require_model()
     inputs = {
         "recipe": recipe,
         "model_dir": model_dir,
@@ -82,17 +76,15 @@ def evaluate_task(
         "out_dir": out_dir,
         "compare_base": compare_base,
     }
-    log_history = log_history_path(model_dir)  # part of the cache key (tasks.caching)
+    log_history = log_history_path(model_dir)  # part of the cache key (orpo_core.runs.cache)
     if not compare_base:
         r.eval.compare_base = False
     with stage_run("evaluate", inputs) as box:
-        base_model = resolve_model_path(model, r.out_dir, seed=r.seed) if r.eval.compare_base else None
-        run_evaluation(
+        run_evaluation(  # derives the base model from the recipe (eval.compare_base)
             r,
             Path(model_dir),
             Path(tokenized_dir),
             Path(out_dir),
-            base_model=base_model,
             log_history=log_history if log_history.is_file() else None,
         )
         eval_json = Path(out_dir) / "eval.json"

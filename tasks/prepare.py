@@ -7,7 +7,13 @@ from typing import Any
 
 from prefect import task
 
-from .common import artifact_key, cached_task_options, json_safe, load_recipe_dict, stage_run, stats_rows, table_artifact
+from orpo_core.io import json_safe
+
+from .artifacts import artifact_key, stats_rows, table_artifact
+
+from .options import cached_task_options, load_recipe_dict
+
+from .stage import stage_run
 
 
 @task(**cached_task_options("prepare"), description="Load, normalize, clean and split the preference data to Parquet.")
@@ -21,7 +27,7 @@ def prepare_task(recipe: dict[str, Any], out_dir: str) -> dict[str, Any]:
     Returns:
         ``{"stage": "prepare", "path": out_dir, "stats": <stats.json>, "content_hash": ...}``.
         Cached on the source data's content, the data section, the seed and the code version
-        (:mod:`tasks.caching`).
+        (:mod:`orpo_core.runs.cache`).
 
     Raises:
         orpo_core.data.errors.DataError: bad input (file, row and field in the message).

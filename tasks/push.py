@@ -24,7 +24,11 @@ from typing import Any, Iterator
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from .common import artifact_key, load_recipe_dict, markdown_artifact, retry_options, run_logger, state_exception
+from .artifacts import artifact_key, markdown_artifact
+
+from .logs import run_logger
+
+from .options import load_recipe_dict, retry_options, state_exception
 
 
 def resolve_hf_token() -> str | None:
@@ -94,7 +98,7 @@ def redact_logs(secret: str | None) -> Iterator[None]:
 
 def retry_on_transient(task, task_run, state) -> bool:
     """``retry_condition_fn``: retry only timeouts, connection errors and HTTP 429 / 5xx."""
-    from orpo_core.hub import is_transient_error
+    from orpo_core.publish.hub import is_transient_error
 
     exc = state_exception(state)
     return exc is not None and is_transient_error(exc)
@@ -125,10 +129,10 @@ def push_task(
         (never the token).
 
     Raises:
-        orpo_core.hub.HubError: invalid repo id, missing model files, no token (not retried).
-        orpo_core.hub.HubPushError: the upload failed (retried when transient).
+        orpo_core.publish.hub.HubError: invalid repo id, missing model files, no token (not retried).
+        orpo_core.publish.hub.HubPushError: the upload failed (retried when transient).
     """
-    from orpo_core.hub import build_hub_folder, push_folder, validate_repo_id
+    from orpo_core.publish.hub import build_hub_folder, push_folder, validate_repo_id
 
     r = load_recipe_dict(recipe)
     log = run_logger()
@@ -140,7 +144,7 @@ def push_task(
     secrets = (token,) if token else ()
     with redact_logs(token):
         folder = build_hub_folder(r, Path(model_dir), Path(eval_json) if eval_json else None, Path(out_dir), secrets=secrets)
-        from orpo_core.model_card import card_for_ui
+        from orpo_core.publish.card import card_for_ui
 
         card = (folder / "README.md").read_text(encoding="utf-8")
         markdown_artifact(card_for_ui(card), artifact_key(r.run_name, "model-card"), f"Model card of {r.run_name} ({folder / 'README.md'})")
@@ -174,7 +178,7 @@ def last_published_task(recipe: dict[str, Any], record_path: str) -> dict[str, A
     """
     import json
 
-    from orpo_core.hub import read_published_metrics
+    from orpo_core.publish.hub import read_published_metrics
 
     r = load_recipe_dict(recipe)
     record = None

@@ -7,7 +7,13 @@ from typing import Any
 
 from prefect import task
 
-from .common import artifact_key, cached_task_options, json_safe, load_recipe_dict, stage_run, stats_rows, table_artifact
+from orpo_core.io import json_safe
+
+from .artifacts import artifact_key, stats_rows, table_artifact
+
+from .options import cached_task_options, load_recipe_dict
+
+from .stage import stage_run
 
 
 @task(**cached_task_options("tokenize"), description="Apply the chat template and tokenize the pairs.")

@@ -1,79 +1,30 @@
-"""Prefect task: ORPO training (``orpo_core.train.run_training``).
+"""Prefect task: ORPO training (``orpo_core.training.run.run_training``).
 
-Retries resume from the latest checkpoint: ``run_training(resume=True)`` is
-used when the checkpoints in ``out_dir/checkpoints`` were written under the same
-configuration (same cache base key, recorded in ``.stage-inprogress.json`` when
-training starts, or in the previous stamp). Checkpoints left by another
-configuration (same run folder, different ``orpo.beta`` or data) are deleted
-first, so a new configuration never resumes from an old one — but never those of
-a live run: flows hold the run-folder lock (:mod:`tasks.run_lock`), and the
-marker's pid is checked as well.
+Retries resume from the latest checkpoint when the checkpoints in ``out_dir/checkpoints`` were
+written under the same configuration; checkpoints of another configuration are deleted first —
+the decision of :func:`orpo_core.runs.resume.resume_decision`, which ``orpo train`` takes too.
 
-Retries (:func:`tasks.common.retry_if_transient`) only for network errors, HTTP
+Retries (:func:`tasks.options.retry_if_transient`) only for network errors, HTTP
 429/5xx and CUDA out-of-memory; a permission error, a missing file or a bad
 recipe fails at once.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
-from .caching import INPROGRESS_NAME, read_stamp, stage_base_key
-from .run_lock import RunFolderBusy
-from .common import (
-    artifact_key,
-    cached_task_options,
-    json_safe,
-    load_recipe_dict,
-    make_progress_callback,
-    run_logger,
-    stage_run,
-    stats_rows,
-    table_artifact,
-)
+from orpo_core.io import json_safe
+from orpo_core.runs.cache import stage_base_key
+from orpo_core.runs.resume import resume_decision, training_marker
 
-
-def _live_writer(marker: dict) -> int | None:
-    """The pid of another live process on this host that is training into the folder, else None."""
-    pid = marker.get("pid")
-    if not pid or pid == os.getpid() or marker.get("host") != socket.gethostname():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return int(pid)
-    return int(pid)
-
-
-def _resume_decision(out_dir: Path, base_key: str) -> bool:
-    """True when existing checkpoints belong to this configuration; stale ones are removed,
-    unless another live process is still training into the folder (then RunFolderBusy: the
-    run-folder lock normally prevents this; this guards direct task use)."""
-    ckpt = out_dir / "checkpoints"
-    marker_path = out_dir / INPROGRESS_NAME
-    try:
-        marker = json.loads(marker_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        marker = {}
-    same = marker.get("base_key") == base_key
-    stamp = read_stamp(out_dir)
-    same = same or bool(stamp and stamp.get("base_key") == base_key)
-    if ckpt.is_dir() and any(ckpt.iterdir()) and not same:
-        pid = _live_writer(marker)
-        if pid is not None:
-            raise RunFolderBusy(f"{out_dir} is being trained by live process {pid}: its checkpoints in {ckpt} are left alone")
-        run_logger().warning("removing checkpoints of another configuration in %s", ckpt)
-        shutil.rmtree(ckpt)
-    return same
+from .artifacts import artifact_key, stats_rows, table_artifact
+from .logs import run_logger
+from .options import cached_task_options, load_recipe_dict
+from .progress import make_progress_callback
+from .stage import stage_run
 
 
 @task(**cached_task_options("train"), description="Train with ORPO; retries resume from the latest checkpoint.")
@@ -82,7 +33,7 @@ def train_task(recipe: dict[str, Any], tokenized_dir: str, out_dir: str) -> dict
 
     A progress artifact (``<run>-training-progress``) follows ``global_step / max_steps``
     and the Trainer's log dicts go to the run logs. With ``train.distributed`` asking for
-    several processes, :func:`orpo_core.distributed.train_distributed` runs ``accelerate
+    several processes, :func:`orpo_core.training.launch.train_distributed` runs ``accelerate
     launch`` and streams every rank's output lines to the run logs.
 
     Returns:
@@ -91,24 +42,21 @@ def train_task(recipe: dict[str, Any], tokenized_dir: str, out_dir: str) -> dict
         Cached on the tokenized data's content, the model/orpo/train/peft sections, the seed
         and the code version.
     """
-    from orpo_core.distributed import train_distributed, uses_launcher
-    from orpo_core.train import run_training
+    from orpo_core.training.launch import train_distributed, uses_launcher
+    from orpo_core.training.run import run_training
 
     r = load_recipe_dict(recipe)
     r.require_model()
     out = Path(out_dir)
     inputs = {"recipe": recipe, "tokenized_dir": tokenized_dir, "out_dir": out_dir}
     base_key = stage_base_key("train", inputs)
-    out.mkdir(parents=True, exist_ok=True)
-    resume = _resume_decision(out, base_key)
-    (out / INPROGRESS_NAME).write_text(json.dumps({"base_key": base_key, "pid": os.getpid(), "host": socket.gethostname()}), encoding="utf-8")
+    resume = resume_decision(out, base_key, log=run_logger())
     cb = make_progress_callback(artifact_key(r.run_name, "training-progress"), f"Training progress of {r.run_name}")
-    with stage_run("train", inputs) as box:
+    with training_marker(out, base_key), stage_run("train", inputs) as box:
         if uses_launcher(r.train.distributed):  # train.distributed: accelerate launch, lines to the run log
             metrics = train_distributed(r, Path(tokenized_dir), out, resume=resume, callbacks=[cb] if cb else None, line_logger=run_logger())
         else:
             metrics = run_training(r, Path(tokenized_dir), out, resume=resume, callbacks=[cb] if cb else None)
-        (out / INPROGRESS_NAME).unlink(missing_ok=True)
         box["result"] = {
             "stage": "train",
             "path": str(out),

@@ -35,7 +35,7 @@ def shared_data() -> Path:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A seeded random-init SmolLM3-style model (hidden 64, 2 layers) with the byte-level ChatML tokenizer."""
     from orpo_core.config import TinyModelConfig
-    from orpo_core.tiny import build_tiny_model
+    from orpo_core.models.tiny import build_tiny_model
 
     return build_tiny_model(TinyModelConfig(), tmp_path_factory.mktemp("tiny") / "model", seed=0)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from orpo_core.collator import ORPODataCollator
-from orpo_core.trainer import ORPOTrainer
+from orpo_core.training.collator import ORPODataCollator
+from orpo_core.training.trainer import ORPOTrainer
 
 from orpo_train_entry import make_recipe
 
@@ -21,8 +21,8 @@ TRL_NAMES = [
 def layout_trainer(tmp_path, model_dir, tok, dataset, *, orpo, attn="sdpa", peft=None, eval_dataset=None, **train):
     """An :class:`ORPOTrainer` on ``model_dir`` (float32, ``attn``) with the ``orpo`` section given
     and ``train`` settings over ``group_by_length: False, logging_steps: 1``."""
-    from orpo_core.modeling import load_model
-    from orpo_core.train import build_training_args
+    from orpo_core.models.loading import load_model
+    from orpo_core.training.run import build_training_args
 
     sections = {
         "model": {"name_or_path": str(model_dir), "dtype": "float32", "attn_implementation": attn},

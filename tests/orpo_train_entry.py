@@ -3,7 +3,7 @@
 Imported by tests/test_trainer.py, test_modeling.py, test_resume.py and
 test_accelerate.py (pytest puts tests/ on sys.path). Run as a script
 (``python tests/orpo_train_entry.py`` or under ``accelerate launch``) it trains
-with :func:`orpo_core.train.run_training`:
+with :func:`orpo_core.training.run.run_training`:
 
     --recipe FILE      recipe as JSON (recipe_from_dict input)
     --tokenized DIR    tokenize stage output
@@ -109,7 +109,7 @@ def hand_tokenized(tokenizer, n_rows: int = 16, seed: int = 0):
     rest of the rendered conversation. Adds ``row_index``."""
     import datasets
 
-    from orpo_core.synthetic import generate_arithmetic
+    from orpo_core.data.synthetic.arithmetic import generate_arithmetic
 
     def enc(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import TrainerCallback
 
     from orpo_core.config import recipe_from_dict
-    from orpo_core.train import run_training
+    from orpo_core.training.run import run_training
 
     recipe = recipe_from_dict(json.loads(Path(a.recipe).read_text()))
     state: dict[str, Any] = {}

@@ -54,7 +54,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_cpu_processes_agree_and_match_single_process_run(tmp_path):
     from orpo_core.config import recipe_from_dict
-    from orpo_core.train import run_training
+    from orpo_core.training.run import run_training
 
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if accelerate is None:

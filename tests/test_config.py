@@ -93,8 +93,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_recipe(bad)
 
 
-def test_section_hash_changes_only_with_its_section():
+def test_fields_hash_changes_only_with_the_stage_fields():
+    from orpo_core.stages import fields_hash
+
     a = recipe_from_dict(_minimal())
     b = recipe_from_dict(_minimal(orpo={"beta": 0.2}))
-    assert a.section_hash("data") == b.section_hash("data")
-    assert a.section_hash("orpo") != b.section_hash("orpo")
+    assert fields_hash(a, "prepare") == fields_hash(b, "prepare")
+    assert fields_hash(a, "train") != fields_hash(b, "train")
+    assert fields_hash(a, "evaluate") != fields_hash(b, "evaluate")  # evaluation reads orpo.beta

@@ -70,7 +70,7 @@ def run(tmp_path: Path, sources, name: str, **data) -> tuple[dict, pa.Table, pa.
     recipe = recipe_from_dict({"seed": 5, "data": {"sources": sources, "on_error": "skip", **data}})
     out = tmp_path / name / "data"
     stats = prepare_dataset(recipe, out)
-    stats.pop("data_hash")  # hashes the recipe's data section, num_proc included
+    stats.pop("data_hash")  # hashes the prepare stage's recipe fields
     return stats, pq.read_table(out / "train.parquet"), pq.read_table(out / "test.parquet")
 
 

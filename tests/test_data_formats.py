@@ -347,7 +347,7 @@ def test_hub_source_calls_load_dataset(tmp_path, monkeypatch):
 
 
 def test_synthetic_source_keeps_generator_rows(tmp_path):
-    from orpo_core.synthetic import generate_arithmetic
+    from orpo_core.data.synthetic.arithmetic import generate_arithmetic
 
     stats, train, test = prep(tmp_path, [{"synthetic": {"n_rows": 40, "seed": 7}}], dedup=False)
     expected = generate_arithmetic(40, 7)

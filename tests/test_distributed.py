@@ -27,10 +27,10 @@ def _recipe(tmp_path: Path, distributed: dict, **train):
 
 
 def _launch_args(config_file: Path):
-    """What ``accelerate launch --config_file FILE -m orpo_core.distributed`` makes of the file."""
+    """What ``accelerate launch --config_file FILE -m orpo_core.training.launch`` makes of the file."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
-    args = launch_command_parser().parse_args(["--config_file", str(config_file), "-m", "orpo_core.distributed"])
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "-m", "orpo_core.training.launch"])
     _validate_launch_command(args)
     return args
 
@@ -58,7 +58,7 @@ def test_recipe_section_validation(tmp_path):
 
 
 def test_num_processes_auto_and_launcher_choice(tmp_path):
-    from orpo_core.distributed import describe, resolve_num_processes, uses_launcher
+    from orpo_core.training.launch import describe, resolve_num_processes, uses_launcher
 
     auto = _recipe(tmp_path, {"num_processes": "auto"}).train.distributed
     assert resolve_num_processes(auto, gpus=0) == 1 and not uses_launcher(auto, gpus=0)  # CPU: in-process
@@ -74,7 +74,7 @@ def test_num_processes_auto_and_launcher_choice(tmp_path):
 def test_ddp_config_on_cpu_is_what_accelerate_launch_reads(tmp_path):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from orpo_core.distributed import write_accelerate_config
+    from orpo_core.training.launch import write_accelerate_config
 
     r = _recipe(tmp_path, {"num_processes": 2})
     path = write_accelerate_config(r, tmp_path / "acc.yaml", gpus=0)
@@ -89,7 +89,7 @@ def test_ddp_config_on_cpu_is_what_accelerate_launch_reads(tmp_path):
 def test_fsdp_config_is_what_accelerate_launch_reads(tmp_path):
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    from orpo_core.distributed import write_accelerate_config
+    from orpo_core.training.launch import write_accelerate_config
 
     r = _recipe(
         tmp_path,
@@ -116,7 +116,7 @@ def test_fsdp_config_is_what_accelerate_launch_reads(tmp_path):
 
 def test_zero3_requires_unfused_loss(tmp_path):
     from orpo_core.config import RecipeError
-    from orpo_core.distributed import accelerate_config
+    from orpo_core.training.launch import accelerate_config
 
     r = _recipe(tmp_path, {"num_processes": 8, "strategy": "deepspeed", "deepspeed": {"zero_stage": 3}})
     with pytest.raises(RecipeError, match="orpo.fused_loss: false"):
@@ -130,7 +130,7 @@ def test_zero3_requires_unfused_loss(tmp_path):
 def test_fsdp_and_deepspeed_checkpoints_count_as_complete(tmp_path):
     """Checkpoint layouts of Trainer under FSDP and DeepSpeed are resumable (a plain-DDP-only
     completeness check would delete them as 'incomplete' on resume)."""
-    from orpo_core.train import latest_checkpoint
+    from orpo_core.training.run import latest_checkpoint
 
     def ckpt(name, files, dirs=()):
         c = tmp_path / name
@@ -154,7 +154,7 @@ def test_fsdp_and_deepspeed_checkpoints_count_as_complete(tmp_path):
 
 def test_more_processes_than_gpus_refused(tmp_path):
     from orpo_core.config import RecipeError
-    from orpo_core.distributed import accelerate_config
+    from orpo_core.training.launch import accelerate_config
 
     r = _recipe(tmp_path, {"num_processes": 4})
     with pytest.raises(RecipeError, match="4 processes per machine but this machine has 2 visible GPU"):
@@ -165,7 +165,7 @@ def test_more_processes_than_gpus_refused(tmp_path):
 
 def test_fsdp_and_deepspeed_refused_on_cpu(tmp_path):
     from orpo_core.config import RecipeError
-    from orpo_core.distributed import accelerate_config
+    from orpo_core.training.launch import accelerate_config
 
     for strategy in ("fsdp", "deepspeed"):
         r = _recipe(tmp_path, {"num_processes": 2, "strategy": strategy})
@@ -180,8 +180,8 @@ def _deepspeed_effective_config(tmp_path: Path, recipe, monkeypatch) -> dict:
     from accelerate.utils.launch import prepare_deepspeed_cmd_env
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    from orpo_core.distributed import write_accelerate_config
-    from orpo_core.train import build_training_args
+    from orpo_core.training.launch import write_accelerate_config
+    from orpo_core.training.run import build_training_args
 
     path = write_accelerate_config(recipe, tmp_path / "acc.yaml", gpus=8)
     args = _launch_args(path)
@@ -243,7 +243,7 @@ FAKE_LAUNCH = textwrap.dedent(
     """
     import json, os, sys, time
     print("launcher says hi", flush=True)
-    print("[rank0]:INFO orpo_core.train: hello from 0", flush=True)
+    print("[rank0]:INFO orpo_core.training.run: hello from 0", flush=True)
     print("[rank1]:WARNING x: careful from 1", flush=True)
     print('[rank0]:ORPO_EVENT ' + json.dumps({"event": "log", "global_step": 3, "max_steps": 5, "logs": {"loss": 1.5}}), flush=True)
     print('[rank1]:ORPO_EVENT ' + json.dumps({"event": "log", "global_step": 3, "max_steps": 5, "logs": {"loss": 9.9}}), flush=True)
@@ -260,7 +260,7 @@ FAKE_LAUNCH = textwrap.dedent(
 
 
 def test_stream_launch_routes_lines_replays_rank0_events_and_reports_first_failing_rank(tmp_path):
-    from orpo_core.distributed import RankFailedError, RankInputError, _failure, stream_launch
+    from orpo_core.training.launch import RankFailedError, RankInputError, _failure, stream_launch
 
     seen: list[tuple[int, str]] = []
     logs: list[dict] = []
@@ -277,7 +277,7 @@ def test_stream_launch_routes_lines_replays_rank0_events_and_reports_first_faili
     rc, tails = stream_launch([sys.executable, "-c", FAKE_LAUNCH % 1], env, lambda lvl, msg: seen.append((lvl, msg)), [CB()])
     assert rc == 1
     assert (logging.INFO, "launcher | launcher says hi") in seen
-    assert (logging.INFO, "rank 0 | INFO orpo_core.train: hello from 0") in seen
+    assert (logging.INFO, "rank 0 | INFO orpo_core.training.run: hello from 0") in seen
     assert (logging.WARNING, "rank 1 | WARNING x: careful from 1") in seen
     assert not [m for _, m in seen if "ORPO_EVENT" in m]
     assert logs == [{"loss": 1.5, "_step": 3, "_max": 5}]  # rank 0 only
@@ -297,7 +297,7 @@ def test_rank_error_fails_with_that_ranks_traceback(tmp_path):
     """A real 2-process launch on a tokenized folder without train.parquet: each rank raises
     TrainInputError; the error names a rank, its exception and its traceback, and is a
     ValueError (bad input: the Prefect task does not retry it)."""
-    from orpo_core.distributed import RankInputError, train_distributed
+    from orpo_core.training.launch import RankInputError, train_distributed
 
     r = _recipe(tmp_path, {"num_processes": 2})
     tok = build_tokenized(r, where=tmp_path / "prep")
@@ -307,7 +307,7 @@ def test_rank_error_fails_with_that_ranks_traceback(tmp_path):
         train_distributed(r, tok, tmp_path / "run" / "train", line_logger=lambda lvl, m: lines.append(m), gpus=0)
     msg = str(e.value)
     assert e.value.rank in (0, 1) and e.value.error_type == "TrainInputError" and "train.parquet" in msg
-    assert "Traceback (most recent call last)" in msg and "orpo_core/distributed.py" in msg
+    assert "Traceback (most recent call last)" in msg and "orpo_core/training/launch.py" in msg
     assert any(m.startswith("rank 0 |") for m in lines) and any(m.startswith("rank 1 |") for m in lines)
 
 
@@ -323,7 +323,7 @@ def test_multi_gpu_process_pool_example_is_deployable_and_its_recipes_launch(tmp
     from rich.console import Console
 
     from orpo_core.config import load_recipe
-    from orpo_core.distributed import accelerate_config, write_accelerate_config
+    from orpo_core.training.launch import accelerate_config, write_accelerate_config
 
     path = ROOT / "deploy" / "multi-gpu-process-pool.yaml"
     console = Console(record=True, width=200)
@@ -357,7 +357,7 @@ def test_k8s_multinode_job_gives_each_pod_its_machine_rank_and_one_rendezvous(tm
     import shlex
 
     from orpo_core.config import load_recipe
-    from orpo_core.distributed import write_accelerate_config
+    from orpo_core.training.launch import write_accelerate_config
 
     doc = json.loads((ROOT / "deploy" / "k8s-multinode-indexed-job.json").read_text())
     svc = next(i for i in doc["items"] if i["kind"] == "Service")
@@ -378,7 +378,7 @@ def test_k8s_multinode_job_gives_each_pod_its_machine_rank_and_one_rendezvous(tm
         for k, v in {**env, "JOB_COMPLETION_INDEX": str(index)}.items():
             cmd = cmd.replace(f'"${k}"', shlex.quote(v))
         argv = shlex.split(cmd)
-        assert argv[:5] == ["exec", "python", "-m", "orpo_core.distributed", "launch"]
+        assert argv[:5] == ["exec", "python", "-m", "orpo_core.training.launch", "launch"]
         overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
         r = load_recipe(ROOT / argv[5], overrides)
         d = r.train.distributed

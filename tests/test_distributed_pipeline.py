@@ -77,7 +77,7 @@ def reference(tmp_path_factory):
     from orpo_core.config import recipe_from_dict
     from orpo_core.data.prepare import prepare_dataset
     from orpo_core.data.tokenize import tokenize_dataset
-    from orpo_core.train import run_training
+    from orpo_core.training.run import run_training
 
     root = tmp_path_factory.mktemp("ddp-ref")
     r = recipe_from_dict(_smoke(root / "ref", per_device_train_batch_size=4))
@@ -102,7 +102,7 @@ def test_pipeline_with_two_gloo_processes_matches_one_process(tmp_path, prefect_
     # both ranks' lines in the flow run's logs (train task logs belong to the flow run)
     messages = _flow_run_logs(state.state_details.flow_run_id)
     for rank in (0, 1):
-        steps = [m for m in messages if m.startswith(f"rank {rank} | ") and "orpo_core.distributed: step 4/4" in m]
+        steps = [m for m in messages if m.startswith(f"rank {rank} | ") and "orpo_core.training.launch: step 4/4" in m]
         assert steps, f"no step line of rank {rank} in the run log"
     assert any(m.startswith("launching ddp training: 2 process(es)") for m in messages)
     # rank 0's Trainer events reach the task's progress callback: its log lines and the progress artifact
@@ -142,7 +142,7 @@ def test_pipeline_with_two_gloo_processes_matches_one_process(tmp_path, prefect_
 
 
 def test_train_cache_key_records_the_strategy(tmp_path):
-    from tasks.caching import stage_base_key
+    from orpo_core.runs.cache import stage_base_key
 
     def key(dist):
         d = _smoke(tmp_path / "run", dist)
@@ -169,13 +169,13 @@ def test_interrupted_launch_resumes_from_latest_checkpoint(tmp_path, reference):
     """As a retried train task: the first launch dies after a checkpoint (its process group is
     killed), the second one (resume=True) continues from it and ends on the same curve."""
     from orpo_core.config import recipe_from_dict
-    from orpo_core.distributed import train_distributed
+    from orpo_core.training.launch import train_distributed
 
     r = recipe_from_dict(_smoke(tmp_path / "run", {"num_processes": 2}))
     out = tmp_path / "run" / "train"
 
     def stop_after_step_3(level, msg):
-        if msg.startswith("rank 0 | ") and "orpo_core.distributed: step 3/4" in msg:
+        if msg.startswith("rank 0 | ") and "orpo_core.training.launch: step 3/4" in msg:
             raise _Interrupt(msg)
 
     with pytest.raises(_Interrupt):

@@ -10,7 +10,7 @@ import torch
 
 from orpo_core.evaluation import EvalInputError, resolve_tasks, run_lm_eval
 from orpo_core.evaluation.harness import LOCAL_TASKS, write_local_task_configs
-from orpo_core.lm_eval_tasks import utils as task_utils
+from orpo_core.evaluation.lm_eval_tasks import utils as task_utils
 
 
 @pytest.fixture(scope="module")

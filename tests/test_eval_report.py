@@ -14,7 +14,7 @@ import torch
 import orpo_core.evaluation.loading as loading
 from orpo_core.config import recipe_from_dict
 from orpo_core.evaluation import EvalInputError, load_log_history, plot_curves, run_evaluation, validate_model_source
-from orpo_core.synthetic import generate_arithmetic
+from orpo_core.data.synthetic.arithmetic import generate_arithmetic
 
 CONTRACT_KEYS = {"preference/accuracy", "preference/margin", "preference/log_odds", "perplexity/chosen", "perplexity/corpus"}
 

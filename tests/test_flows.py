@@ -24,8 +24,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-import tasks.caching as caching
-from tasks.caching import (
+import orpo_core.runs.cache as caching
+from orpo_core.runs.cache import (
     dir_fingerprint,
     file_sha256,
     read_stamp,
@@ -138,16 +138,16 @@ class Stages:
 def stages(monkeypatch):
     # the real modules the tasks import lazily, imported before their parents are replaced by
     # the fakes below (without this the file passed only after other test files had imported them)
-    import orpo_core.distributed  # noqa: F401
+    import orpo_core.training.launch  # noqa: F401
     import orpo_core.evaluation.report  # noqa: F401
-    import orpo_core.model_card  # noqa: F401
-    import orpo_core.tiny  # noqa: F401
+    import orpo_core.publish.card  # noqa: F401
+    import orpo_core.models.tiny  # noqa: F401
 
     st = Stages()
     for mod_name, fn in [
         ("orpo_core.data.prepare", "prepare_dataset"),
         ("orpo_core.data.tokenize", "tokenize_dataset"),
-        ("orpo_core.train", "run_training"),
+        ("orpo_core.training.run", "run_training"),
         ("orpo_core.evaluation", "run_evaluation"),
     ]:
         mod = types.ModuleType(mod_name)
@@ -402,7 +402,7 @@ def test_only_transient_errors_are_retried(prefect_harness, stages, tmp_path):
             raise errors.pop(0)
         return real_train(recipe, tokenized_dir, out_dir, resume=resume, callbacks=callbacks)
 
-    sys.modules["orpo_core.train"].run_training = failing_train
+    sys.modules["orpo_core.training.run"].run_training = failing_train
     with pytest.raises(PermissionError) as info:
         orpo_pipeline(recipe=str(_write_recipe(tmp_path)))
     assert len(stages.calls["attempts"]) == 1 and "evaluate" not in stages.calls
@@ -417,7 +417,7 @@ def test_is_transient_classifies_errors():
     import httpx
     import torch
 
-    from tasks.common import is_transient
+    from orpo_core.runs.retry import is_transient
 
     req = httpx.Request("POST", "https://huggingface.co/api/models")
     transient = [
@@ -518,7 +518,7 @@ def test_sweep_and_data_flow_take_the_run_folder_lock(prefect_harness, stages, t
     live holder of ``<run>`` (a pipeline) stops the data flow; both run once it is released."""
     from flows.pipeline import data_flow
     from flows.sweep import ablation_sweep
-    from tasks.run_lock import RunFolderBusy, run_folder_lock
+    from orpo_core.runs.lock import RunFolderBusy, run_folder_lock
 
     recipe = str(_write_recipe(tmp_path))
     run = tmp_path / "run"
@@ -540,7 +540,7 @@ def test_sweep_and_data_flow_take_the_run_folder_lock(prefect_harness, stages, t
 # --------------------------------------------------------------------------- retrain
 @pytest.mark.prefect
 def test_retrain_publishes_only_improvements(prefect_harness, stages, tmp_path, monkeypatch):
-    import orpo_core.hub as hub
+    import orpo_core.publish.hub as hub
     from flows.retrain import retrain
 
     uploads = []
@@ -653,23 +653,6 @@ def test_source_fingerprints(tmp_path, monkeypatch):
     assert "@unpinned:" in source_fingerprint({"path": "org/data"})
 
 
-def test_code_fingerprint_tracks_stage_sources(tmp_path, monkeypatch):
-    root = tmp_path / "orpo_core"
-    (root / "data").mkdir(parents=True)
-    for rel in ("__init__.py", "config.py", "synthetic.py", "data/prepare.py", "data/tokenize.py", "train.py", "hub.py"):
-        (root / rel).write_text(f"# {rel}\n")
-    monkeypatch.setattr(caching, "_ORPO_ROOT", root)
-    before = {s: caching.code_fingerprint(s) for s in ("prepare", "tokenize", "train", "evaluate")}
-    (root / "data" / "prepare.py").write_text("# changed\n")
-    after = {s: caching.code_fingerprint(s) for s in before}
-    assert after["prepare"] != before["prepare"] and after["tokenize"] != before["tokenize"]
-    (root / "hub.py").write_text("# publishing only\n")
-    assert {s: caching.code_fingerprint(s) for s in before} == after  # no stage depends on hub.py
-    (root / "train.py").write_text("# new trainer\n")
-    final = {s: caching.code_fingerprint(s) for s in before}
-    assert final["train"] != after["train"] and final["prepare"] == after["prepare"]
-
-
 def test_stage_key_follows_stamp_and_recipe(tmp_path, monkeypatch):
     monkeypatch.setattr(caching, "code_fingerprint", lambda stage: "pinned")
     data = tmp_path / "data"
@@ -718,7 +701,7 @@ def test_run_folder_lock(tmp_path):
     import signal
     import subprocess
 
-    from tasks.run_lock import OWNER_NAME, RunFolderBusy, run_folder_lock
+    from orpo_core.runs.lock import OWNER_NAME, RunFolderBusy, run_folder_lock
 
     run = tmp_path / "run"
     with run_folder_lock(run, flow_run_id="flow-a") as previous:
@@ -734,7 +717,7 @@ def test_run_folder_lock(tmp_path):
         assert previous is None
 
     code = (
-        "import os, signal, sys; from tasks.run_lock import run_folder_lock\n"
+        "import os, signal, sys; from orpo_core.runs.lock import run_folder_lock\n"
         f"with run_folder_lock({str(run)!r}, flow_run_id='flow-killed'):\n"
         "    print('held', flush=True); os.kill(os.getpid(), signal.SIGKILL)\n"
     )

@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import orpo_core.fused as fused_mod
-from orpo_core.fused import (
+import orpo_core.training.fused as fused_mod
+from orpo_core.training.fused import (
     _LMHeadTargetLogps,
     _pair_groups,
     lm_head_transform_from_config,
     orpo_loss_from_hidden,
     per_token_logps_from_hidden,
 )
-from orpo_core.loss import nll_token_count, orpo_loss_from_logits, orpo_target_masks
+from orpo_core.training.loss import nll_token_count, orpo_loss_from_logits, orpo_target_masks
 
 
 def make_inputs(B=2, T=11, H=8, V=37, dtype=torch.float32, bias=True, seed=0):

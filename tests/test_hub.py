@@ -15,9 +15,9 @@ import pytest
 import yaml
 from huggingface_hub.errors import HfHubHTTPError
 
-import orpo_core.hub as hub
+import orpo_core.publish.hub as hub
 from orpo_core.config import HubConfig, recipe_from_dict
-from orpo_core.hub import HubError, HubPushError, build_hub_folder, is_transient_error, push_folder, validate_repo_id
+from orpo_core.publish.hub import HubError, HubPushError, build_hub_folder, is_transient_error, push_folder, validate_repo_id
 
 EVAL = {
     "results": {"trained": {"preference/accuracy": 0.8}, "base": {"preference/accuracy": 0.5}},
@@ -231,7 +231,7 @@ def test_transient_classification(exc, transient):
 def test_read_published_metrics(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from orpo_core.model_card import render_model_card
+    from orpo_core.publish.card import render_model_card
 
     card = tmp_path / "README.md"
     card.write_text(render_model_card(_recipe(tmp_path), EVAL))

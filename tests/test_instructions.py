@@ -8,8 +8,8 @@ import pytest
 from orpo_core.config import recipe_from_dict
 from orpo_core.data.prepare import prepare_dataset
 from orpo_core.data.schema import read_pairs
-from orpo_core.instructions import bank
-from orpo_core.instructions.generator import (
+from orpo_core.data.synthetic.instructions import bank
+from orpo_core.data.synthetic.instructions.generator import (
     GENERATED_IDS,
     SOURCE,
     combinations,
@@ -17,7 +17,7 @@ from orpo_core.instructions.generator import (
     heldout_keys,
     row_key,
 )
-from orpo_core.instructions.verifiers import (
+from orpo_core.data.synthetic.instructions.verifiers import (
     IFEVAL_IDS,
     REGISTRY,
     ConstraintError,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orpo_core.loss import (
+from orpo_core.training.loss import (
     completion_logps,
     log1mexp,
     nll_token_count,

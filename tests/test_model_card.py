@@ -9,13 +9,11 @@ import yaml
 from huggingface_hub import ModelCard
 
 from orpo_core.config import recipe_from_dict
-from orpo_core.model_card import (
+from orpo_core.evaluation.results import extract_metrics, metric_value, pick_label
+from orpo_core.publish.card import (
     REDACTED,
     build_model_card,
-    extract_metrics,
     hub_datasets,
-    metric_value,
-    pick_label,
     render_model_card,
     strip_secrets,
 )

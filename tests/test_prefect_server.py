@@ -243,7 +243,7 @@ def test_retrain_over_two_data_versions(prefect_server, tmp_path, monkeypatch):
     gate decides; every decision lands in decisions.jsonl and the decision artifact."""
     from types import SimpleNamespace
 
-    import orpo_core.hub as hub
+    import orpo_core.publish.hub as hub
     from flows.retrain import retrain
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey

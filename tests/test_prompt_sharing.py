@@ -8,14 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orpo_core.collator import ORPODataCollator
-from orpo_core.sharing import (
+from orpo_core.training.collator import ORPODataCollator
+from orpo_core.training.sharing import (
     build_shared_batch,
     check_prompt_sharing_support,
     gather_pair_rows,
     shared_pair_lengths,
 )
-from orpo_core.trainer import ORPOTrainer
+from orpo_core.training.trainer import ORPOTrainer
 
 from layout_checks import TRL_NAMES, assert_same_outputs, layout_trainer, loss_and_grads
 

@@ -52,7 +52,7 @@ def _recipe(root: Path, name: str, **train):
 
 
 def test_killed_run_resumes_to_identical_weights(setup):
-    from orpo_core.train import run_training
+    from orpo_core.training.run import run_training
 
     root, tokenized = setup
     _, ref = _recipe(root, "ref")
@@ -117,7 +117,7 @@ def test_resume_from_the_final_checkpoint_trains_no_extra_step(setup):
     (transformers alone would run step N+1)."""
     import shutil
 
-    from orpo_core.train import run_training
+    from orpo_core.training.run import run_training
 
     root, tokenized = setup
     _, rec = _recipe(root, "final", max_steps=4, eval_steps=None)
@@ -142,7 +142,7 @@ def test_resume_from_the_final_checkpoint_trains_no_extra_step(setup):
 
 
 def test_resume_refuses_checkpoints_of_other_settings_and_no_resume_starts_over(setup):
-    from orpo_core.train import TrainInputError, latest_checkpoint, run_training
+    from orpo_core.training.run import TrainInputError, latest_checkpoint, run_training
 
     root, tokenized = setup
     _, first = _recipe(root, "sig", max_steps=2, eval_steps=None)
@@ -158,7 +158,7 @@ def test_resume_refuses_checkpoints_of_other_settings_and_no_resume_starts_over(
 
 
 def test_latest_checkpoint_skips_incomplete(tmp_path):
-    from orpo_core.train import latest_checkpoint
+    from orpo_core.training.run import latest_checkpoint
 
     d = tmp_path / "checkpoints"
     for step, complete in ((2, True), (4, True), (6, False)):

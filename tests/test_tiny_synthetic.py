@@ -4,8 +4,8 @@ import torch
 from safetensors.torch import load_file
 
 from orpo_core.config import TinyModelConfig
-from orpo_core.synthetic import generate_arithmetic
-from orpo_core.tiny import build_tiny_model, build_tiny_tokenizer
+from orpo_core.data.synthetic.arithmetic import generate_arithmetic
+from orpo_core.models.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 def test_char_tokenizer_round_trips_any_text_and_has_chatml():

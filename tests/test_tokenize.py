@@ -1,4 +1,4 @@
-"""Chat templates (orpo_core.chat) and the tokenization stage (orpo_core.data.tokenize)."""
+"""Chat templates (orpo_core.models.chat) and the tokenization stage (orpo_core.data.tokenize)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orpo_core.chat import TokenizerLoadError, load_tokenizer, setup_chat_format
+from orpo_core.models.chat import TokenizerLoadError, load_tokenizer, setup_chat_format
 from orpo_core.config import ModelConfig, recipe_from_dict
 from orpo_core.data.errors import DataError
 from orpo_core.data.schema import pairs_to_table, write_pairs
@@ -22,7 +22,8 @@ from orpo_core.data.tokenize import (
     tokenizer_fingerprint,
     truncate_pair,
 )
-from orpo_core.tiny import CHATML_TEMPLATE, _bytes_to_unicode, build_tiny_tokenizer
+from orpo_core.models.chatml import CHATML_TEMPLATE
+from orpo_core.models.tiny import _bytes_to_unicode, build_tiny_tokenizer
 
 
 # --------------------------------------------------------------------------- helpers
@@ -421,7 +422,7 @@ def write_data(data_dir: Path, train_rows, test_rows, stats=None):
 def test_tokenize_dataset_end_to_end(tmp_path):
     from transformers import AutoTokenizer
 
-    from orpo_core.synthetic import generate_arithmetic
+    from orpo_core.data.synthetic.arithmetic import generate_arithmetic
 
     recipe = make_recipe(tmp_path, {"name_or_path": "tiny"}, max_length=128, max_prompt_length=64)
     rows = generate_arithmetic(60, seed=3)  # all fit in 128 tokens

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from orpo_core.collator import LengthGroupedPairSampler, ORPODataCollator, pair_lengths
+from orpo_core.training.collator import LengthGroupedPairSampler, ORPODataCollator, pair_lengths
 from orpo_core.config import ScheduleConfig
-from orpo_core.trainer import METRIC_NAMES, NonFiniteLossError, ORPOTrainer, schedule_value
+from orpo_core.training.trainer import METRIC_NAMES, NonFiniteLossError, ORPOTrainer, schedule_value
 
 from layout_checks import TRL_NAMES
 from orpo_train_entry import build_tokenized, hand_tokenized, make_recipe
@@ -22,8 +22,8 @@ from orpo_train_entry import build_tokenized, hand_tokenized, make_recipe
 def _trainer(tmp_path, tiny_model_dir, tok, dataset, eval_dataset=None, model=None, peft=None, **train):
     """ORPOTrainer on the session tiny model (hidden 64, 2 layers) via the real
     build_training_args/load_model path."""
-    from orpo_core.modeling import load_model
-    from orpo_core.train import build_training_args
+    from orpo_core.models.loading import load_model
+    from orpo_core.training.run import build_training_args
 
     orpo = train.pop("orpo", {})
     sections = {
@@ -295,7 +295,7 @@ def test_moe_router_aux_loss_is_added(tmp_path, tiny_tok):
 # --------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def e2e_run(tmp_path_factory):
-    from orpo_core.train import run_training
+    from orpo_core.training.run import run_training
 
     root = tmp_path_factory.mktemp("e2e")
     recipe = make_recipe(
@@ -352,8 +352,8 @@ def test_run_training_rejects_mismatched_tokenizer_and_missing_columns(e2e_run, 
 
     import pyarrow.parquet as pq
 
-    from orpo_core.tiny import build_tiny_tokenizer
-    from orpo_core.train import TrainInputError, run_training
+    from orpo_core.models.tiny import build_tiny_tokenizer
+    from orpo_core.training.run import TrainInputError, run_training
 
     recipe, tokenized, _ = e2e_run
     bad = tmp_path / "tok"
@@ -375,7 +375,7 @@ def test_run_training_rejects_mismatched_tokenizer_and_missing_columns(e2e_run, 
 
 
 def test_metric_names_constant_matches_loss_output():
-    from orpo_core.loss import orpo_loss_from_logits
+    from orpo_core.training.loss import orpo_loss_from_logits
 
     logits = torch.randn(2, 4, 7)
     ids = torch.randint(0, 7, (2, 4))

@@ -90,7 +90,7 @@ def pair_keys(row: dict[str, Any]) -> tuple[bytes, bytes]:
 
 
 def normalize_synthetic(rec: dict[str, Any], ref: RowRef) -> list[dict[str, Any]]:
-    """A generator row (:mod:`orpo_core.synthetic`) as a normalized pair (its ``source`` kept)."""
+    """A generator row (:mod:`orpo_core.data.synthetic.arithmetic`) as a normalized pair (its ``source`` kept)."""
     try:
         prompt = check_prompt(to_messages(rec["prompt"], "prompt", "user"))
         chosen = check_completion(to_messages(rec["chosen"], "chosen", "assistant"), "chosen")

@@ -66,6 +66,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from orpo_core.stages import fields_hash
 from orpo_core.config import Recipe, SourceConfig
 from orpo_core.data.chunked import (
     EMPTY_PROMPT,
@@ -214,7 +215,7 @@ def _synthetic_records(
     name = f"synthetic:{cfg.task}"
     seed = cfg.seed if cfg.seed is not None else seed
     if cfg.task == "instructions":
-        from orpo_core.instructions.generator import generate_instructions
+        from orpo_core.data.synthetic.instructions.generator import generate_instructions
 
         n_test = int(round(cfg.n_rows * test_size))
         n = n_test if which == "test" else cfg.n_rows - n_test
@@ -222,7 +223,7 @@ def _synthetic_records(
         if which == "test":
             name += "/heldout"
     else:
-        from orpo_core.synthetic import generate_arithmetic
+        from orpo_core.data.synthetic.arithmetic import generate_arithmetic
 
         rows = generate_arithmetic(cfg.n_rows, seed)
     return name, ((RowRef(name, i, "row"), r) for i, r in enumerate(rows))
@@ -609,7 +610,7 @@ def _build_stats(recipe: Recipe, states: list[SourceState], store: PairStore, ou
     t = total.as_dict()
     return {
         "version": STATS_VERSION,
-        "data_hash": recipe.section_hash("data", "seed"),
+        "data_hash": fields_hash(recipe, "prepare"),
         "seed": recipe.seed,
         "rows_read": t["read"],
         "pairs_added_by_binarize": t["pairs_added_by_binarize"],

@@ -15,7 +15,7 @@ column             arrow type                                  meaning
 ``origin``         string                                      ``"<file or hub id>:<row or line number>"``
 ``constraints``    string, nullable                            verifiable instructions of the prompt, JSON
                                                                ``[{"id", "kwargs"}]`` (synthetic instructions;
-                                                               see ``orpo_core.instructions``)
+                                                               see ``orpo_core.data.synthetic.instructions``)
 =================  ==========================================  =============================================
 
 The same layout as TRL's conversational preference format (``prompt`` /

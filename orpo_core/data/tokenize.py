@@ -522,7 +522,7 @@ def tokenize_table(
     if max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
     if not _has_template(tokenizer):
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template (use orpo_core.chat.load_tokenizer)")
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template (use orpo_core.models.chat.load_tokenizer)")
     n = table.num_rows
     stats: dict[str, Any] = {"rows_in": n}
     if n == 0:
@@ -610,7 +610,7 @@ def tokenize_table(
 
 
 def _has_template(tok: Any) -> bool:
-    from orpo_core.chat import has_chat_template
+    from orpo_core.models.chat import has_chat_template
 
     return has_chat_template(tok)
 
@@ -619,7 +619,7 @@ def _has_template(tok: Any) -> bool:
 def tokenize_dataset(recipe: Any, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Run the tokenization stage (contract 2): ``data_dir`` -> ``out_dir``.
 
-    Loads the tokenizer with :func:`orpo_core.chat.load_tokenizer` (ChatML added to a
+    Loads the tokenizer with :func:`orpo_core.models.chat.load_tokenizer` (ChatML added to a
     template-less base tokenizer), tokenizes ``data_dir/train.parquet`` and
     ``data_dir/test.parquet`` with :func:`tokenize_table` (``recipe.data.max_length``,
     ``max_prompt_length``, ``num_proc``, ``on_error``), and writes the files listed in
@@ -640,7 +640,7 @@ def tokenize_dataset(recipe: Any, data_dir: str | Path, out_dir: str | Path) -> 
     """
     from transformers import AutoTokenizer
 
-    from orpo_core.chat import load_tokenizer
+    from orpo_core.models.chat import load_tokenizer
 
     t0 = time.perf_counter()
     model_cfg = recipe.require_model()

@@ -8,7 +8,7 @@ Offline tasks
 -------------
 ``hellaswag``, ``arc_easy``, ``arc_challenge``, ``piqa``, ``winogrande``, ``boolq``,
 ``lambada_openai`` and ``ifeval`` have local versions (``orpo_local_<name>``, YAML templates
-in ``orpo_core/lm_eval_tasks``, prompt logic copied from the upstream YAMLs) that
+in ``orpo_core/evaluation/lm_eval_tasks``, prompt logic copied from the upstream YAMLs) that
 read the files in ``eval.tasks_dir`` instead of downloading from the Hub. The
 user-facing names map to the local versions when their data file exists; when it
 does not, the upstream task is used if the Hub may be reachable, and it is an
@@ -118,7 +118,7 @@ def resolve_tasks_dir(tasks_dir: str | os.PathLike) -> Path:
         return p
     candidates = [Path.cwd() / p, PROJECT_ROOT / p]
     if str(tasks_dir).rstrip("/") == DEFAULT_TASKS_DIR:
-        from orpo_core.tiny import SHARED_DIR
+        from orpo_core.config import SHARED_DIR
 
         candidates.append(SHARED_DIR / "data" / "eval")
     for c in candidates:

@@ -2,7 +2,7 @@
 
 The held-out prompts are the rows of the prepared ``data/test.parquet`` that carry a
 ``constraints`` column (the ``instructions`` synthetic source; see
-:mod:`orpo_core.instructions`). Each model answers every prompt greedily (chat
+:mod:`orpo_core.data.synthetic.instructions`). Each model answers every prompt greedily (chat
 template applied, batched, left padded, ``eval.max_new_tokens``), and each answer is
 checked by the shared verifiers with IFEval's strict semantics (the raw answer).
 
@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from orpo_core.instructions.verifiers import ConstraintError, Verifier, check_all, from_json
+from orpo_core.data.synthetic.instructions.verifiers import ConstraintError, Verifier, check_all, from_json
 
-from ._io import read_parquet_table
+from .inputs import read_parquet_table
 from .errors import EvalInputError
 from .preference import bootstrap_ci
 
@@ -110,7 +110,7 @@ def load_instruction_prompts(path: str | Path, max_prompts: int | None = None) -
 
 
 def prompts_from_rows(rows: list[dict[str, Any]], max_prompts: int | None = None) -> list[InstructionPrompt]:
-    """:class:`InstructionPrompt` objects from generator rows (``orpo_core.instructions.generate_instructions``)."""
+    """:class:`InstructionPrompt` objects from generator rows (``orpo_core.data.synthetic.instructions.generate_instructions``)."""
     out = []
     for i, r in enumerate(rows[:max_prompts] if max_prompts else rows):
         out.append(InstructionPrompt(list(r["prompt"]), from_json(r["constraints"]), r.get("origin") or f"generated row {i}"))
@@ -269,7 +269,7 @@ def heldout_prompts(recipe, data_test_path: str | Path | None, max_prompts: int 
     if data_test_path is not None and Path(data_test_path).is_file():
         prompts = load_instruction_prompts(data_test_path, max_prompts)
         return prompts, (str(Path(data_test_path).resolve()) if prompts else None)
-    from orpo_core.instructions.generator import generate_instructions
+    from orpo_core.data.synthetic.instructions.generator import generate_instructions
 
     rows: list[dict[str, Any]] = []
     for src in recipe.data.sources:

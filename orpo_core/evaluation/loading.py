@@ -167,7 +167,7 @@ def load_model_tokenizer(source: ModelSource, *, chat_template: str = "auto", tr
     """Load the model's own tokenizer (from :func:`model_tokenizer_source`) for evaluation.
 
     The chat template follows ``model.chat_template`` as in tokenization
-    (:func:`orpo_core.chat.load_tokenizer`): ``auto`` keeps the model's template and gives
+    (:func:`orpo_core.models.chat.load_tokenizer`): ``auto`` keeps the model's template and gives
     ChatML to a tokenizer without one, ``chatml`` always ChatML, ``model`` requires the model's
     own. The pad token defaults to the eos token.
 
@@ -176,7 +176,7 @@ def load_model_tokenizer(source: ModelSource, *, chat_template: str = "auto", tr
     """
     from transformers import AutoTokenizer
 
-    from orpo_core.chat import has_chat_template, setup_chat_format
+    from orpo_core.models.chat import has_chat_template, setup_chat_format
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if source.revision:
@@ -368,7 +368,7 @@ def describe_source(source: ModelSource, model=None) -> dict[str, Any]:
     folder = source.name_or_path if source.kind != "hub" else source.extra.get("cached_snapshot")
     if folder and Path(folder).is_dir():
         info["fingerprint"] = fingerprint_folder(folder)
-        from orpo_core.model_sources import describe_origin, read_source_info
+        from orpo_core.models.sources import describe_origin, read_source_info
 
         origin = read_source_info(folder)  # a converted GGUF: where it came from
         if origin:

@@ -116,7 +116,7 @@ def corpus_perplexity(
     """
     import torch
 
-    from orpo_core.loss import completion_logps
+    from orpo_core.training.loss import completion_logps
 
     n = len(input_ids)
     if n < 2:

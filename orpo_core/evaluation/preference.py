@@ -1,7 +1,7 @@
 """Held-out preference metrics: accuracy, reward margin, log-odds (with bootstrap CIs).
 
 Each held-out pair is scored exactly as the ORPO loss scores it during training
-(``orpo_core.loss``; TRL ``ORPOTrainer.concatenated_forward``): one ``[2B, T]``
+(``orpo_core.training.loss``; TRL ``ORPOTrainer.concatenated_forward``): one ``[2B, T]``
 batch, rows ``0..B-1`` prompt+chosen and ``B..2B-1`` prompt+rejected, right
 padded; the log-probability of a completion is the **mean** per-token
 log-probability of its tokens (``average_log_prob=True``), prompt and padding
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import read_parquet_table
+from .inputs import read_parquet_table
 from .errors import EvalInputError
 
 PAIR_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -128,7 +128,7 @@ def score_pairs(model, pairs: Sequence[Pair], *, pad_token_id: int, batch_size: 
 
     Runs ``model`` in eval mode under ``torch.inference_mode`` on batches of
     ``batch_size`` pairs (sorted by length to limit padding; results are returned in
-    input order). Log-probs come from :func:`orpo_core.loss.completion_logps`
+    input order). Log-probs come from :func:`orpo_core.training.loss.completion_logps`
     (``average=False``), i.e. ``log_softmax(logits[t-1])[token_t]`` summed over the
     completion positions, in float32.
 
@@ -144,7 +144,7 @@ def score_pairs(model, pairs: Sequence[Pair], *, pad_token_id: int, batch_size: 
     """
     import torch
 
-    from orpo_core.loss import completion_logps
+    from orpo_core.training.loss import completion_logps
 
     n = len(pairs)
     out = np.zeros((4, n), dtype=np.float64)
@@ -174,10 +174,10 @@ def score_pairs(model, pairs: Sequence[Pair], *, pad_token_id: int, batch_size: 
 # --------------------------------------------------------------------------- statistics
 def log1mexp_np(x: np.ndarray) -> np.ndarray:
     """``log(1 - exp(x))`` for ``x <= 0`` with the same clamp and branches as
-    :func:`orpo_core.loss.log1mexp` (float64)."""
+    :func:`orpo_core.training.loss.log1mexp` (float64)."""
     import torch
 
-    from orpo_core.loss import log1mexp
+    from orpo_core.training.loss import log1mexp
 
     return log1mexp(torch.as_tensor(np.asarray(x, dtype=np.float64))).numpy()
 

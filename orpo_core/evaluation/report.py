@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ._io import atomic_write, atomic_write_json, atomic_write_text
+from orpo_core.io import atomic_write, atomic_write_json, atomic_write_text
 from .errors import EvalInputError
 
 #: (title, train key, eval key) of the panels in ``curves.png`` (TRL ORPOTrainer log names)
@@ -287,7 +287,7 @@ def instruction_markdown(report: dict[str, Any]) -> list[str]:
         "## Instruction following (held-out verifiable constraints)",
         "",
         f"{info['n_prompts']} held-out prompts ({info.get('source')}); greedy answers, chat template, "
-        f"at most {info.get('max_new_tokens')} new tokens; checked by `orpo_core.instructions` with IFEval's "
+        f"at most {info.get('max_new_tokens')} new tokens; checked by `orpo_core.data.synthetic.instructions` with IFEval's "
         "strict rules (prompt level: every instruction followed; instruction level: followed / all). "
         f"[95% bootstrap CI over prompts, {s.get('bootstrap_samples')} resamples, seed {s.get('seed')}]; "
         "Δ has a paired bootstrap CI (same prompts for both models).",

@@ -8,6 +8,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from orpo_core.stages import fields_hash
+
 from . import harness, loading
 from .errors import EvalInputError
 from .generation import build_prompts, generate_answers
@@ -27,6 +29,8 @@ from .report import load_log_history, write_report
 log = logging.getLogger("orpo_core.evaluation")
 
 SCHEMA = "orpo-eval/1"
+
+logger = logging.getLogger(__name__)
 
 
 def _model_window(model, window: int) -> int:
@@ -146,7 +150,7 @@ def run_evaluation(
     Steps: validate every input (no model loaded yet); load the tokenizer from
     ``tokenized_dir/tokenizer``; then for the trained model and, when
     ``eval.compare_base``, the base model (``base_model`` or ``recipe.model`` resolved
-    with :func:`orpo_core.tiny.resolve_model_path`, embeddings resized to the
+    with :func:`orpo_core.models.sources.resolve_model_path`, embeddings resized to the
     tokenizer): held-out preference metrics and chosen perplexity
     (:mod:`.preference`), corpus perplexity (:mod:`.perplexity`, when ``eval.corpus``),
     lm-eval tasks (:mod:`.harness`, when ``eval.tasks``), greedy answers to a few
@@ -222,11 +226,15 @@ def run_evaluation(
         else ([], None)
     )
     base_src = None
-    if ev.compare_base:
-        if base_model is None:
-            from orpo_core.tiny import resolve_model_path
+    if ev.compare_base and base_model is None:
+        from orpo_core.models.sources import resolve_model_path
 
-            base_model = resolve_model_path(mcfg, recipe.out_dir, recipe.seed)
+        base_model = resolve_model_path(mcfg, recipe.out_dir, recipe.seed)
+        if Path(base_model).exists() and Path(base_model).resolve() == Path(model_dir).expanduser().resolve():
+            logger.warning("the model is the recipe's base model: evaluated once, without a comparison")
+            ev.compare_base, base_model = False, None
+            model_label = model_label or "model"
+    if ev.compare_base:
         revision = mcfg.revision if str(base_model) == mcfg.name_or_path else None
         base_src = loading.validate_model_source(base_model, role="base model", revision=revision)
 
@@ -384,7 +392,7 @@ def run_evaluation(
                 "chat_template": ev.lm_eval_chat_template,
             },
             "max_new_tokens": ev.max_new_tokens,
-            "eval_section_hash": recipe.section_hash("eval"),
+            "eval_fields_hash": fields_hash(recipe, "evaluate"),
         },
         "lm_eval": lm_info,
         "instructions": instructions_info,

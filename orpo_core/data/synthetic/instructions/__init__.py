@@ -1,0 +1,34 @@
+"""Verifiable instructions (IFEval-style): the verifiers and the seeded preference-data generator.
+
+* :mod:`orpo_core.data.synthetic.instructions.verifiers`  one class per instruction id, ``check(response) -> bool``
+  with IFEval's strict semantics; shared by the data generator and the evaluation.
+* :mod:`orpo_core.data.synthetic.instructions.generator`  seeded (prompt, chosen, rejected) rows whose chosen
+  follows every constraint and rejected breaks one; a held-out split by (constraints, topic).
+* :mod:`orpo_core.data.synthetic.instructions.bank`       the topics and facts the responses are made of.
+"""
+
+from orpo_core.data.synthetic.instructions.generator import generate_instructions, heldout_keys, row_key
+from orpo_core.data.synthetic.instructions.verifiers import (
+    IFEVAL_IDS,
+    REGISTRY,
+    ConstraintError,
+    Verifier,
+    build,
+    check_all,
+    from_json,
+    to_json,
+)
+
+__all__ = [
+    "IFEVAL_IDS",
+    "REGISTRY",
+    "ConstraintError",
+    "Verifier",
+    "build",
+    "check_all",
+    "from_json",
+    "generate_instructions",
+    "heldout_keys",
+    "row_key",
+    "to_json",
+]

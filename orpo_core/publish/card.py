@@ -1,0 +1,421 @@
+"""Model card (README.md) for a model trained with ORPO.
+
+The card has the Hub's YAML metadata block (built with
+:class:`huggingface_hub.ModelCardData`: ``base_model``, ``datasets``, ``tags``
+including ``orpo``, ``license``, ``library_name: transformers`` and a
+``model-index`` with one :class:`huggingface_hub.EvalResult` per metric of the
+trained model) followed by a Markdown body: what was trained and how, the
+recipe as YAML with secrets stripped, a hyper-parameter table, a metrics table
+(trained vs base with deltas and 95 % confidence intervals where the
+evaluation reported them), a usage snippet and the ORPO citation.
+
+Metrics are read from the evaluation stage's ``eval.json`` with
+:func:`orpo_core.evaluation.results.extract_metrics`.
+
+No Prefect imports here; nothing in this module ever sees a token.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from orpo_core.config import Recipe
+from orpo_core.evaluation.results import as_number, extract_metrics, pick_label
+
+ORPO_PAPER = "https://arxiv.org/abs/2403.07691"
+ORPO_BIBTEX = """@article{hong2024orpo,
+  title   = {ORPO: Monolithic Preference Optimization without Reference Model},
+  author  = {Hong, Jiwoo and Lee, Noah and Thorne, James},
+  journal = {arXiv preprint arXiv:2403.07691},
+  year    = {2024}
+}"""
+
+_SECRET_KEY = re.compile(
+    r"(^|[_\-.])(token|secret|passw(or)?d|api[_-]?key|apikey|credentials?|authorization|auth)($|[_\-.])", re.I
+)
+_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
+REDACTED = "<redacted>"
+
+
+# --------------------------------------------------------------------------- secrets
+def strip_secrets(obj: Any, secrets: Iterable[str] = ()) -> Any:
+    """Return a deep copy of ``obj`` without secrets.
+
+    Mapping keys that name a credential (``token``, ``hf_token``, ``secret``,
+    ``password``, ``api_key``, ``credentials``, ``authorization``, ``auth`` as a
+    ``_``/``-``/``.``-separated word; ``tokenizer`` or ``max_tokens`` are kept) are dropped; string values
+    that look like Hugging Face tokens (``hf_`` + 16 or more alphanumerics) or
+    contain one of ``secrets`` (exact strings, e.g. the token in use) are
+    replaced by ``"<redacted>"``.
+    """
+    secret_list = [s for s in secrets if s]
+    if isinstance(obj, Mapping):
+        return {k: strip_secrets(v, secret_list) for k, v in obj.items() if not _SECRET_KEY.search(str(k))}
+    if isinstance(obj, (list, tuple)):
+        return [strip_secrets(v, secret_list) for v in obj]
+    if isinstance(obj, str):
+        if _TOKEN_VALUE.search(obj) or any(s in obj for s in secret_list):
+            return REDACTED
+        return obj
+    return obj
+
+
+def recipe_yaml(recipe: Recipe, secrets: Iterable[str] = ()) -> str:
+    """The fully resolved recipe as YAML, secrets stripped (see :func:`strip_secrets`)."""
+    return yaml.safe_dump(strip_secrets(recipe.to_dict(), secrets), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- card
+def _is_hub_id(s: str | None) -> bool:
+    if not s or s.startswith((".", "/", "~")) or Path(s).exists():
+        return False
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", s))
+
+
+def hub_datasets(recipe: Recipe) -> list[str]:
+    """Hub dataset ids among the recipe's sources (local files and synthetic sets are not Hub datasets)."""
+    out = []
+    for s in recipe.data.sources:
+        if s.path and _is_hub_id(s.path) and s.path not in out:
+            out.append(s.path)
+    return out
+
+
+def base_model_origin(recipe: Recipe) -> dict[str, Any] | None:
+    """Provenance of a GGUF base model (packaged short name, ``.gguf`` file, folder +
+    ``gguf_file``): :func:`orpo_core.models.sources.source_origin`; None otherwise."""
+    from orpo_core.models.sources import source_origin
+
+    m = recipe.model
+    if m is None or m.is_tiny or (_is_hub_id(m.name_or_path) and not m.gguf_file):
+        return None
+    return source_origin(m)
+
+
+def base_model_id(recipe: Recipe) -> str | None:
+    """The base model's Hub id: the recipe's Hub id, or for a GGUF the Hub model it was
+    made from (``base_model`` of its origin); None for a tiny / local base model."""
+    if recipe.model is None or recipe.model.is_tiny:
+        return None
+    if _is_hub_id(recipe.model.name_or_path) and not recipe.model.gguf_file:
+        return recipe.model.name_or_path
+    origin = base_model_origin(recipe)
+    return origin.get("base_model") if origin else None
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+        return f"{x:.3e}"
+    return f"{x:.{digits}f}"
+
+
+def hyperparameter_rows(recipe: Recipe) -> list[tuple[str, str]]:
+    """(name, value) rows of the hyper-parameters that define the run."""
+    t, o, p, d = recipe.train, recipe.orpo, recipe.peft, recipe.data
+    rows = [
+        ("objective", "ORPO: L = alpha * L_SFT + beta * L_OR (Hong et al. 2024, eq. 6)"),
+        ("orpo.beta (paper's lambda)", str(o.beta)),
+        ("orpo.alpha (NLL weight)", str(o.alpha)),
+        ("NLL on prompt tokens", str(o.nll_on_prompt)),
+        ("learning rate", str(t.learning_rate)),
+        ("lr scheduler", t.lr_scheduler_type),
+        ("warmup", f"ratio {t.warmup_ratio}, steps {t.warmup_steps}"),
+        ("epochs / max steps", f"{t.num_train_epochs} / {t.max_steps}"),
+        ("per-device batch (pairs)", str(t.per_device_train_batch_size)),
+        ("gradient accumulation", str(t.gradient_accumulation_steps)),
+        ("effective batch per device (pairs)", str(t.per_device_train_batch_size * t.gradient_accumulation_steps)),
+        ("optimizer", t.optim),
+        ("weight decay", str(t.weight_decay)),
+        ("max grad norm", str(t.max_grad_norm)),
+        ("precision", t.precision),
+        ("max length / max prompt length", f"{d.max_length} / {d.max_prompt_length}"),
+        ("fine-tuning", p.method),
+        ("seed", str(t.seed if t.seed is not None else recipe.seed)),
+    ]
+    if p.method != "none":
+        targets = p.target_modules if isinstance(p.target_modules, str) else ", ".join(p.target_modules)
+        rows.append(("LoRA r / alpha / dropout", f"{p.r} / {p.lora_alpha} / {p.lora_dropout}"))
+        rows.append(("LoRA target modules", targets))
+        if p.method == "qlora":
+            rows.append(("4-bit quantization", f"{p.bnb_4bit_quant_type}, double quant {p.bnb_4bit_use_double_quant}"))
+    return rows
+
+
+def metrics_table(eval_data: Mapping[str, Any] | None) -> str:
+    """Markdown table: metric | trained | base | delta (trained − base), with 95 % CIs when reported."""
+    if not eval_data:
+        return "_No evaluation results were available when this card was written._\n"
+    metrics = extract_metrics(eval_data)
+    trained = pick_label(metrics, "trained")
+    base = pick_label(metrics, "base")
+    if trained is None:
+        return "_No evaluation results were available when this card was written._\n"
+    lines = ["| metric | trained | base | delta |", "|---|---|---|---|"]
+    for name, m in metrics[trained].items():
+        b = metrics[base].get(name) if base else None
+        cell = _fmt(m.value) + (f" [{_fmt(m.ci[0])}, {_fmt(m.ci[1])}]" if m.ci else "")
+        bcell = "–" if b is None else _fmt(b.value) + (f" [{_fmt(b.ci[0])}, {_fmt(b.ci[1])}]" if b.ci else "")
+        delta = "–" if b is None else f"{m.value - b.value:+.4f}"
+        lines.append(f"| `{name}` | {cell} | {bcell} | {delta} |")
+    note = "\nValues in brackets are bootstrap 95 % confidence intervals." if any(
+        m.ci for m in metrics[trained].values()
+    ) else ""
+    return "\n".join(lines) + "\n" + note + "\n"
+
+
+def _eval_results(recipe: Recipe, eval_data: Mapping[str, Any] | None, model_name: str) -> list:
+    from huggingface_hub import EvalResult
+
+    if not eval_data:
+        return []
+    metrics = extract_metrics(eval_data)
+    label = pick_label(metrics, "trained")
+    if label is None:
+        return []
+    datasets = hub_datasets(recipe)
+    pref_dataset = datasets[0] if datasets else "local-preference-pairs"
+    out = []
+    for name, m in metrics[label].items():
+        if name.startswith("lm_eval/"):
+            parts = name.split("/")
+            task = parts[1] if len(parts) > 1 else "lm_eval"
+            out.append(
+                EvalResult(
+                    task_type="text-generation",
+                    dataset_type=task,
+                    dataset_name=task,
+                    metric_type="/".join(parts[2:]) or name,
+                    metric_value=round(m.value, 6),
+                    metric_name=name,
+                )
+            )
+        elif name.startswith("perplexity/corpus"):
+            corpus = Path(recipe.eval.corpus).name if recipe.eval.corpus else "corpus"
+            out.append(
+                EvalResult(
+                    task_type="text-generation",
+                    dataset_type="text-corpus",
+                    dataset_name=corpus,
+                    metric_type="perplexity",
+                    metric_value=round(m.value, 6),
+                    metric_name=name,
+                )
+            )
+        else:
+            out.append(
+                EvalResult(
+                    task_type="text-generation",
+                    dataset_type=pref_dataset,
+                    dataset_name="held-out preference pairs",
+                    dataset_split="test",
+                    metric_type=name,
+                    metric_value=round(m.value, 6),
+                    metric_name=name,
+                )
+            )
+    return out
+
+
+def build_model_card(
+    recipe: Recipe,
+    eval_data: Mapping[str, Any] | None = None,
+    *,
+    repo_id: str | None = None,
+    train_metrics: Mapping[str, Any] | None = None,
+    adapter_only: bool = False,
+    has_curves: bool = False,
+    secrets: Iterable[str] = (),
+):
+    """Build the :class:`huggingface_hub.ModelCard` of a trained model.
+
+    Args:
+        recipe: the run's recipe (its YAML is embedded with secrets stripped).
+        eval_data: parsed ``eval.json`` (None: card without metrics).
+        repo_id: target repo (``namespace/name``); used as the model name and in
+            the usage snippet. Default: ``recipe.hub.repo_id`` or the run name.
+        train_metrics: parsed ``train/metrics.json`` (final train / eval loss etc.).
+        adapter_only: the folder holds a LoRA adapter instead of full weights.
+        has_curves: a ``training_curves.png`` is shipped next to the card.
+        secrets: exact strings that must never appear (redacted if found).
+
+    Returns:
+        ``ModelCard`` whose ``str()`` is the README.md text (YAML front matter + body).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    repo = repo_id or recipe.hub.repo_id or recipe.run_name
+    model_name = repo.split("/")[-1]
+    base = base_model_id(recipe)
+    datasets = hub_datasets(recipe)
+    extra_tags = ["peft", recipe.peft.method] if recipe.peft.method != "none" else []
+    tags = list(dict.fromkeys(["orpo", *recipe.hub.tags, *extra_tags]))
+    data = ModelCardData(
+        base_model=base,
+        datasets=datasets or None,
+        tags=tags,
+        license=recipe.hub.license,
+        library_name="peft" if adapter_only else "transformers",
+        pipeline_tag="text-generation",
+        model_name=model_name,
+        eval_results=_eval_results(recipe, eval_data, model_name) or None,
+    )
+
+    model_desc = (
+        f"[`{base}`](https://huggingface.co/{base})"
+        if base
+        else f"`{recipe.model.name_or_path if recipe.model else 'unknown'}` (not a Hub model)"
+    )
+    origin = base_model_origin(recipe)
+    if origin:
+        model_desc += (
+            f" (from the GGUF `{origin.get('file')}`, sha256 `{str(origin.get('sha256', ''))[:16]}`, "
+            f"quantization {origin.get('quantization') or 'unknown'} dequantized to {origin.get('dtype', 'float32')})"
+        )
+    sources = []
+    for s in recipe.data.sources:
+        if s.synthetic is not None:
+            sources.append(
+                f"- synthetic `{s.synthetic.task}` preference pairs ({s.synthetic.n_rows} rows, generated by `orpo_core.data.synthetic.arithmetic`)"
+            )
+        elif s.path and _is_hub_id(s.path):
+            rev = f" @ `{s.revision}`" if s.revision else ""
+            sources.append(f"- [`{s.path}`](https://huggingface.co/datasets/{s.path}){rev}, split `{s.split}`")
+        else:
+            sources.append(f"- local file `{Path(s.path or '').name}` (format `{s.format}`)")
+
+    hp = "\n".join(["| hyper-parameter | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in hyperparameter_rows(recipe)])
+    train_lines = ""
+    if train_metrics:
+        rows = [
+            (k, as_number(v))
+            for k, v in train_metrics.items()
+            if as_number(v) is not None and not k.endswith(("runtime", "per_second", "flos"))
+        ]
+        if rows:
+            train_lines = (
+                "\n### Final training metrics\n\n| metric | value |\n|---|---|\n"
+                + "\n".join(f"| `{k}` | {_fmt(v)} |" for k, v in rows)
+                + "\n"
+            )
+    curves = "\n![training curves](training_curves.png)\n" if has_curves else ""
+    load = (
+        f'from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained("{repo}")'
+        if adapter_only
+        else f'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("{repo}")'
+    )
+    body = f"""
+# {model_name}
+
+This model is {model_desc} aligned with **ORPO** (Odds Ratio Preference Optimization,
+[Hong et al. 2024]({ORPO_PAPER})): a single-stage objective that adds an odds-ratio
+preference term to the supervised NLL loss, with no reference model
+(total loss = alpha · NLL(chosen) + beta · mean(−log σ(log odds(chosen) − log odds(rejected)))).
+{"It is a LoRA adapter; load it on top of the base model." if adapter_only else ""}
+
+## Training data
+
+{chr(10).join(sources)}
+
+## Hyper-parameters
+
+{hp}
+{train_lines}
+## Evaluation
+
+Preference metrics are measured on held-out pairs: accuracy is the share of pairs whose
+chosen response has a higher length-normalised log-probability than the rejected one,
+margin is beta · (log p(chosen) − log p(rejected)) as in TRL, log-odds as in the ORPO loss.
+
+{metrics_table(eval_data)}{curves}
+## Usage
+
+```python
+{load}
+from transformers import AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+messages = [{{"role": "user", "content": "What is 4 + 3?"}}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+out = model.generate(**inputs, max_new_tokens=64)
+print(tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+## Training recipe
+
+The complete recipe this model was trained with (`orpo run <recipe.yaml>`; secrets removed):
+
+```yaml
+{recipe_yaml(recipe, secrets).rstrip()}
+```
+
+## Citation
+
+```bibtex
+{ORPO_BIBTEX}
+```
+"""
+    content = f"---\n{data.to_yaml()}\n---\n{body}"
+    for secret in secrets:
+        if secret:
+            content = content.replace(secret, REDACTED)
+    return ModelCard(content)
+
+
+def render_model_card(recipe: Recipe, eval_data: Mapping[str, Any] | None = None, **kwargs: Any) -> str:
+    """README.md text of :func:`build_model_card` (same arguments)."""
+    return str(build_model_card(recipe, eval_data, **kwargs))
+
+
+# --------------------------------------------------------------------------- UI rendering
+_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*\n", re.S)
+_LOCAL_IMAGE = re.compile(r"!\[([^\]]*)\]\((?!https?://|data:)([^)\s]+)\)")
+_UI_META_KEYS = ("base_model", "datasets", "license", "library_name", "pipeline_tag", "tags")
+
+
+def card_for_ui(card: str) -> str:
+    """The model card as plain markdown for a UI that does not read Hub metadata (Prefect's
+    markdown artifact): the YAML front matter becomes a small ``| field | value |`` table
+    (base model, datasets, license, library, pipeline tag, tags; the model-index duplicates the
+    metrics table of the body and is left out), and images with a relative path, which such a
+    UI cannot load, become a line naming the file.
+
+    Args:
+        card: README.md text (front matter optional).
+
+    Returns:
+        Markdown without front matter and without relative image links.
+    """
+    meta: dict[str, Any] = {}
+    m = _FRONT_MATTER.match(card)
+    body = card
+    if m:
+        try:
+            loaded = yaml.safe_load(m.group(1))
+            meta = loaded if isinstance(loaded, dict) else {}
+        except yaml.YAMLError:
+            meta = {}
+        body = card[m.end():]
+    body = _LOCAL_IMAGE.sub(lambda im: f"*{im.group(1) or 'image'}: `{im.group(2)}` in the model folder*", body)
+    rows = []
+    for key in _UI_META_KEYS:
+        value = meta.get(key)
+        if value in (None, "", []):
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(f"`{v}`" for v in value)
+        else:
+            value = f"`{value}`"
+        rows.append(f"| {key.replace('_', ' ')} | {value} |")
+    if not rows:
+        return body.lstrip("\n")
+    table = "\n".join(["| field | value |", "|---|---|", *rows])
+    # put the metadata right under the card's title when it starts with one
+    lines = body.lstrip("\n").split("\n", 1)
+    if lines[0].startswith("# "):
+        return f"{lines[0]}\n\n{table}\n" + (lines[1] if len(lines) > 1 else "")
+    return f"{table}\n\n{body.lstrip()}"
