@@ -171,19 +171,28 @@ def prep(
 def train(
     recipe: str = RecipeArg,
     set_: Optional[list[str]] = SetOpt,
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="continue from the latest checkpoint if any"),
+    resume: bool = typer.Option(
+        True, "--resume/--no-resume", help="continue from the latest checkpoint of this configuration (others are removed)"
+    ),
 ) -> None:
     """Train with ORPO from the tokenized Parquet (run `orpo prep` first)."""
     _setup_env()
     r = _load(recipe, set_)
-    from orpo_core.training.run import run_training
+    from orpo_core.runs.cache import stage_base_key
     from orpo_core.runs.lock import run_folder_lock
+    from orpo_core.runs.resume import resume_decision, training_marker
+    from orpo_core.training.run import run_training
 
     out = r.out_dir
     try:
         r.require_model()
         with run_folder_lock(out):  # not while an `orpo run` trains in the same folder
-            metrics = run_training(r, out / "tokenized", out / "train", resume=resume)
+            # the train task's decision: checkpoints of this configuration resume, others are removed
+            inputs = {"recipe": r.to_dict(), "tokenized_dir": str(out / "tokenized"), "out_dir": str(out / "train")}
+            base_key = stage_base_key("train", inputs)
+            resumed = resume_decision(out / "train", base_key) and resume
+            with training_marker(out / "train", base_key):
+                metrics = run_training(r, out / "tokenized", out / "train", resume=resumed)
     except Exception as e:  # noqa: BLE001
         _fail(e)
     console.print(f"[green]model[/green] -> {out / 'train' / 'model'}")

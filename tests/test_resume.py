@@ -173,3 +173,36 @@ def test_latest_checkpoint_skips_incomplete(tmp_path):
     assert latest_checkpoint(d, remove_incomplete=True) == str(d / "checkpoint-4")
     assert not (d / "checkpoint-6").exists() and not (d / "checkpoint-10").exists()
     assert latest_checkpoint(tmp_path / "absent") is None
+
+
+def test_cli_train_takes_the_train_task_resume_decision(setup, tmp_path):
+    """`orpo train` decides like the train task (orpo_core.runs.resume): the same configuration
+    resumes from its final checkpoint without an extra step; another configuration's checkpoints
+    are removed and training starts over (before, the CLI refused them with TrainInputError)."""
+    import shutil
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    root, tokenized = setup
+    d, first = _recipe(root, "cli", max_steps=2, eval_steps=None)
+    run = first.out_dir
+    shutil.copytree(tokenized, run / "tokenized")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(d))
+
+    def train(*extra: str) -> dict:
+        res = CliRunner().invoke(app, ["train", str(path), *extra])
+        assert res.exit_code == 0, res.output
+        return json.loads((run / "train" / "metrics.json").read_text())
+
+    m1 = train()
+    assert m1["resumed_from"] is None and m1["global_step"] == 2
+    m2 = train()  # same configuration: the final checkpoint is this run's own
+    assert Path(m2["resumed_from"]).name == "checkpoint-2" and m2["global_step"] == 2
+    m3 = train("--set", "train.learning_rate=0.01")  # another configuration: old checkpoints go
+    assert m3["resumed_from"] is None and m3["global_step"] == 2
+    marker = json.loads((run / "train" / ".stage-inprogress.json").read_text())
+    assert marker["finished"] is True and "pid" not in marker
