@@ -41,7 +41,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from orpo_core.config import SourceConfig
 from orpo_core.data.errors import (
@@ -142,23 +142,7 @@ def _bad_utf8_field(raw: bytes) -> str | None:
     except json.JSONDecodeError:
         return _field_near(text, text.find("\ufffd"))
 
-    def walk(v: Any, path: str) -> str | None:
-        if isinstance(v, str):
-            return path if "\ufffd" in v else None
-        if isinstance(v, dict):
-            for k, x in v.items():
-                sub = f"{path}.{k}" if path else str(k)
-                hit = walk(x, sub) or (sub if "\ufffd" in str(k) else None)
-                if hit:
-                    return hit
-        if isinstance(v, list):
-            for i, x in enumerate(v):
-                hit = walk(x, f"{path}[{i}]")
-                if hit:
-                    return hit
-        return None
-
-    return walk(obj, "")
+    return _find_string(obj, lambda s: "\ufffd" in s)
 
 
 def _utf8_error(path: Path, data: bytes, err: UnicodeDecodeError) -> DataError:
@@ -231,25 +215,32 @@ def _duplicate_key_error(dups: list[str], ref: RowRef) -> DataError:
     )
 
 
-def _surrogate_path(v: Any, path: str = "") -> str | None:
-    """Where a string with a lone UTF-16 surrogate (from a ``\\udXXX`` JSON escape) is, or None."""
+def _find_string(v: Any, bad: Callable[[str], bool], path: str = "") -> str | None:
+    """The dotted path (``a.b[2]``) of the first string value or key in ``v`` for which ``bad``
+    is true, or None. A bad top-level string gives ``<value>``."""
     if isinstance(v, str):
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:
-            return path or "<value>"
-        return None
+        return (path or "<value>") if bad(v) else None
     if isinstance(v, dict):
         for k, x in v.items():
-            hit = _surrogate_path(x, f"{path}.{k}" if path else str(k))
+            sub = f"{path}.{k}" if path else str(k)
+            hit = _find_string(x, bad, sub) or (sub if bad(str(k)) else None)
             if hit:
                 return hit
     elif isinstance(v, list):
         for i, x in enumerate(v):
-            hit = _surrogate_path(x, f"{path}[{i}]")
+            hit = _find_string(x, bad, f"{path}[{i}]")
             if hit:
                 return hit
     return None
+
+
+def _not_utf8_encodable(s: str) -> bool:
+    """Whether ``s`` holds a lone UTF-16 surrogate (from a ``\\udXXX`` JSON escape)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _has_surrogate_escape(text: str) -> bool:
@@ -260,7 +251,7 @@ def _has_surrogate_escape(text: str) -> bool:
 def _surrogate_error(obj: Any, ref: RowRef) -> DataError | None:
     """A ``not_utf8`` error when ``obj`` holds a lone surrogate escape (not a character; it
     cannot be written as UTF-8), else None. Call only when :func:`_has_surrogate_escape`."""
-    where = _surrogate_path(obj)
+    where = _find_string(obj, _not_utf8_encodable)
     if where is None:
         return None
     return DataError(
