@@ -392,3 +392,10 @@ def test_k8s_multinode_job_gives_each_pod_its_machine_rank_and_one_rendezvous(tm
 
             prepare_multi_gpu_env(args)
             assert args.nproc_per_node == str(gpus) and args.rdzv_endpoint == f"{d.main_process_ip}:{port}"
+
+
+def test_launch_env_puts_the_checkout_on_pythonpath():
+    from orpo_core.training.launch import launch_env
+
+    root = Path(launch_env(0, base={})["PYTHONPATH"].split(os.pathsep)[0])
+    assert (root / "orpo_core" / "training" / "launch.py").is_file()

@@ -45,7 +45,7 @@ from typing import Any
 
 from .errors import EvalInputError
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 PLACEHOLDER = "__ORPO_EVAL_DATA__"
 LOCAL_PREFIX = "orpo_local_"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent

@@ -306,7 +306,7 @@ def launch_env(gpus: int, base: dict[str, str] | None = None) -> dict[str, str]:
     no tokenizer threads, this project importable (``PYTHONPATH``), and on a CPU-only host
     ``ACCELERATE_USE_CPU=1`` (gloo)."""
     env = dict(os.environ if base is None else base)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the checkout holding orpo_core/
     env["PYTHONPATH"] = os.pathsep.join([root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]])
     env["PYTHONUNBUFFERED"] = "1"
     env["TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"] = "[rank${rank}]:"
