@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import textwrap
+import os
 from pathlib import Path
 
 import pytest
