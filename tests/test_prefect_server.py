@@ -1,5 +1,5 @@
-"""Against a real ``prefect server start`` (one per session, tests/prefect_server.py): the README's
-deployment commands, the server's scheduler, and a process worker running the pipeline.
+"""Against a real ``prefect server start`` (one per session, tests/prefect_server.py): the deployment
+commands of docs/orchestration.md, the server's scheduler, and a process worker running the pipeline.
 
 Tests in this module run in file order: the deployments registered by the first one are used by
 the later ones (each still checks what it needs).
@@ -23,12 +23,12 @@ from prefect_server import ROOT, prefect_cli, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
-README = ROOT / "README.md"
+ORCHESTRATION_DOC = ROOT / "docs" / "orchestration.md"
 
 
 def readme_server_commands() -> list[str]:
-    """The shell lines of the README's "real server with workers" block (comments stripped)."""
-    text = README.read_text()
+    """The shell lines of the "real server with workers" block of docs/orchestration.md (comments stripped)."""
+    text = ORCHESTRATION_DOC.read_text()
     start = text.index("To run on a real server with workers")
     block = text[start:].split("```bash", 1)[1].split("```", 1)[0]
     lines = []
@@ -52,19 +52,19 @@ def _deployments(server) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def deployed(prefect_server):
-    """Run exactly the README's pool and deploy commands against the server; returns the deploy result."""
+    """Run exactly docs/orchestration.md's pool and deploy commands against the server; returns the deploy result."""
     cmds = readme_server_commands()
     pools = [c for c in cmds if c.startswith("prefect work-pool create")]
     deploys = [c for c in cmds if c.startswith("prefect ") and " deploy " in f"{c} "]
     assert len(pools) == 2 and len(deploys) == 1, cmds
     env = prefect_server.env()
-    env.pop("ORPO_PROJECT_DIR", None)  # unset when deploying (as the README recommends): the worker's value is read later
+    env.pop("ORPO_PROJECT_DIR", None)  # unset when deploying (as docs/orchestration.md recommends): the worker's value is read later
     t0 = time.monotonic()
     for c in pools:
         r = subprocess.run([sys.executable, "-m", *shlex.split(c)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
     r = subprocess.run([sys.executable, "-m", *shlex.split(deploys[0])], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    print(f"README pool + deploy commands: {time.monotonic() - t0:.1f} s")
+    print(f"docs pool + deploy commands: {time.monotonic() - t0:.1f} s")
     return r
 
 
@@ -152,7 +152,7 @@ def _task_states(server, flow_run_id) -> dict[str, str]:
 
 
 def _run_deployment_via_cli(server, out_dir: Path) -> str:
-    """`prefect deployment run` as in the README (+ smoke overrides); returns the flow run id."""
+    """`prefect deployment run` as in docs/orchestration.md (+ smoke overrides); returns the flow run id."""
     r = prefect_cli(
         server,
         "deployment",
@@ -171,7 +171,7 @@ def _run_deployment_via_cli(server, out_dir: Path) -> str:
 
 
 def test_process_worker_runs_pipeline_then_cached(prefect_server, deployed, tmp_path):
-    """A `prefect worker start --pool gpu-process` (README) runs the pipeline deployment to Completed;
+    """A `prefect worker start --pool gpu-process` (docs/orchestration.md) runs the pipeline deployment to Completed;
     a second run of the same parameters finds every stage Cached; the worker console shows each
     project log line once."""
     import os

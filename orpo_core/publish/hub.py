@@ -288,7 +288,7 @@ def push_folder(folder: str | Path, hub_cfg: HubConfig, token: str | None) -> st
     if not (folder / CARD_NAME).is_file():
         raise HubError(f"{folder} is not a hub folder (no {CARD_NAME}); build it with build_hub_folder first")
     if not token:
-        raise HubError("no Hugging Face token: set HF_TOKEN or create the Prefect Secret block (see README)")
+        raise HubError("no Hugging Face token: set HF_TOKEN or create the Prefect Secret block (see deploy/README.md, Secrets)")
     api = HfApi()
     try:
         api.create_repo(repo_id, token=token, private=hub_cfg.private, exist_ok=True, repo_type="model")

@@ -340,7 +340,7 @@ def sharing_pays(prompt_lens, chosen_lens, rejected_lens, *, padding_free: bool,
     The margin covers what the FLOP count leaves out (building the 4D mask or the segments,
     gathering the rows back, masked sdpa calls instead of ``is_causal`` ones). Source
     measurement: ``benchmarks/bench_packing.py`` on SmolLM2-135M-Instruct, UltraFeedback,
-    max_length 512, 2 pairs per batch, 2 CPU threads under load (README, Performance):
+    max_length 512, 2 pairs per batch, 2 CPU threads under load (docs/training.md, Performance):
     per CPU-second, padding-free + sharing gave 1.44-1.65x the padded batch's useful tokens
     and padding-free alone 1.27-1.34x, so packed sharing pays as soon as the prompt is a few
     percent of the pair; padded sharing ([B, L] rows with a dense 4D mask) gave 0.87-1.0x on
