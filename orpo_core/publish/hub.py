@@ -26,13 +26,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 from huggingface_hub import HfApi
 
 from orpo_core.config import HubConfig, Recipe
+from orpo_core.io import make_owned_temp_dir, replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +168,7 @@ def build_hub_folder(
     has_curves = bool(curves and curves.is_file())
     adapter_only = (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file()
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = make_owned_temp_dir(out_dir)  # 0755 (not mkdtemp's 0700): readable by whoever shares the run folder
     try:
         for f in files:
             _link_or_copy(f, tmp / f.name)
@@ -189,13 +188,7 @@ def build_hub_folder(
             (tmp / EVAL_NAME).write_text(json.dumps(public, indent=2, sort_keys=True), encoding="utf-8")
         if has_curves:
             shutil.copy2(curves, tmp / CURVES_NAME)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
