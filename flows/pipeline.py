@@ -156,28 +156,30 @@ def push_flow(recipe: str, overrides: list[str] | None = None, dry_run: bool | N
         dry_run: only write ``<run>/hub`` (None: ``not hub.push``).
 
     Raises:
-        orpo_core.publish.hub.HubError: no trained model, invalid repo id, no token.
+        orpo_core.publish.hub.HubError: no trained model, invalid repo id, no token, offline mode.
+        orpo_core.runs.lock.RunFolderBusy: another live run holds the run folder.
     """
     from orpo_core.publish.hub import HubError
 
     r = load(recipe, overrides)
     out = r.out_dir
-    model_dir = out / "train" / "model"
-    if not model_dir.is_dir():
-        raise HubError(f"no trained model in {model_dir}: run `orpo train` or `orpo run` first")
-    eval_json = out / "eval" / "eval.json"
-    dry = (not r.hub.push) if dry_run is None else bool(dry_run)
-    states: dict[str, str] = {}
-    pu = run_stage(
-        push_task,
-        states,
-        "push",
-        recipe=r.to_dict(),
-        model_dir=str(model_dir),
-        eval_json=str(eval_json) if eval_json.is_file() else None,
-        out_dir=str(out / "hub"),
-        dry_run=dry,
-    )
-    if pu.get("pushed"):
-        write_published_record(out, r, str(eval_json) if eval_json.is_file() else None, pu)
+    with run_folder(out):  # not while a run rewrites the model or the eval it publishes
+        model_dir = out / "train" / "model"
+        if not model_dir.is_dir():
+            raise HubError(f"no trained model in {model_dir}: run `orpo train` or `orpo run` first")
+        eval_json = out / "eval" / "eval.json"
+        dry = (not r.hub.push) if dry_run is None else bool(dry_run)
+        states: dict[str, str] = {}
+        pu = run_stage(
+            push_task,
+            states,
+            "push",
+            recipe=r.to_dict(),
+            model_dir=str(model_dir),
+            eval_json=str(eval_json) if eval_json.is_file() else None,
+            out_dir=str(out / "hub"),
+            dry_run=dry,
+        )
+        if pu.get("pushed"):
+            write_published_record(out, r, str(eval_json) if eval_json.is_file() else None, pu)
     return json_safe({**pu, "stages": states})

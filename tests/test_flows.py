@@ -529,6 +529,9 @@ def test_sweep_and_data_flow_take_the_run_folder_lock(prefect_harness, stages, t
     with run_folder_lock(run, flow_run_id="a-pipeline"):
         with pytest.raises(RunFolderBusy, match=r"flow run a-pipeline"):
             data_flow(recipe=recipe)
+        # the sweep's points share <run>/data and <run>/tokenized: it needs <run> too
+        with pytest.raises(RunFolderBusy, match=r"flow run a-pipeline"):
+            ablation_sweep(recipe=recipe, grid={"orpo.beta": [0.1, 0.2]})
     assert not stages.calls
 
     assert data_flow(recipe=recipe)["stages"] == {"prepare": "Completed", "tokenize": "Completed"}

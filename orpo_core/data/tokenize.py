@@ -616,6 +616,63 @@ def _has_template(tok: Any) -> bool:
     return has_chat_template(tok)
 
 
+# --------------------------------------------------------------------------- context length
+#: config attributes that give a model's context length (positions), first found wins
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def model_context_length(model_cfg: Any, work_dir: str | Path, seed: int = 0) -> tuple[int | None, str]:
+    """The number of positions the recipe's model accepts, read cheaply from its config.
+
+    ``tiny`` models: ``model.tiny.max_position_embeddings``; others:
+    ``AutoConfig.from_pretrained`` of the resolved source (a GGUF is converted once, as the
+    tokenizer needs anyway; a Hub id downloads ``config.json`` only), first of
+    :data:`CONTEXT_KEYS` on the config or its ``text_config``.
+
+    Returns:
+        ``(positions, "<attribute> of <model>")``, or ``(None, reason)`` when the config cannot
+        be read or has none of those attributes (the check is then skipped).
+    """
+    if model_cfg.is_tiny:
+        return int(model_cfg.tiny.max_position_embeddings), "model.tiny.max_position_embeddings"
+    from transformers import AutoConfig
+
+    from orpo_core.models.sources import resolve_model_source
+
+    try:
+        src = resolve_model_source(model_cfg, work_dir, seed=seed)
+        cfg = AutoConfig.from_pretrained(src.path, revision=src.revision, trust_remote_code=model_cfg.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - the tokenizer load reports a missing model properly
+        return None, f"config of {model_cfg.name_or_path} not readable ({type(e).__name__})"
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        for key in CONTEXT_KEYS:
+            v = getattr(c, key, None) if c is not None else None
+            if isinstance(v, int) and v > 0:
+                return v, f"{key} of {model_cfg.name_or_path}"
+    return None, f"no context length in the config of {model_cfg.name_or_path}"
+
+
+def check_max_length(recipe: Any) -> int | None:
+    """Refuse ``data.max_length`` above the model's context length (:func:`model_context_length`)
+    before any tokenization. Returns the context length (None when unknown).
+
+    Raises:
+        RecipeError: ``data.max_length`` > the model's positions; the message names both numbers.
+    """
+    from orpo_core.config import RecipeError
+
+    ctx, where = model_context_length(recipe.require_model(), recipe.out_dir, seed=recipe.seed)
+    if ctx is None:
+        log.info("data.max_length not checked against the model: %s", where)
+        return None
+    if recipe.data.max_length > ctx:
+        raise RecipeError(
+            f"data.max_length ({recipe.data.max_length}) exceeds the model's context length ({ctx}, {where}): "
+            f"set data.max_length to at most {ctx}"
+        )
+    return ctx
+
+
 # --------------------------------------------------------------------------- stage entry
 def tokenize_dataset(recipe: Any, data_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Run the tokenization stage (contract 2): ``data_dir`` -> ``out_dir``.
@@ -634,7 +691,8 @@ def tokenize_dataset(recipe: Any, data_dir: str | Path, out_dir: str | Path) -> 
         (:func:`tokenizer_info`).
 
     Raises:
-        RecipeError: the recipe has no ``model`` section.
+        RecipeError: the recipe has no ``model`` section, or ``data.max_length`` exceeds the
+            model's context length (:func:`check_max_length`, before reading any data).
         TokenizerLoadError: the tokenizer cannot be loaded (see ``load_tokenizer``).
         DataError: a missing/unreadable input file or column, or a bad row (see
             :func:`tokenize_table`); names file, row and field.
@@ -645,6 +703,7 @@ def tokenize_dataset(recipe: Any, data_dir: str | Path, out_dir: str | Path) -> 
 
     t0 = time.perf_counter()
     model_cfg = recipe.require_model()
+    check_max_length(recipe)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     tables = {split: _read_pairs_table(data_dir / f"{split}.parquet") for split in SPLITS}
     tokenizer, added = load_tokenizer(model_cfg, recipe.out_dir, seed=recipe.seed)
