@@ -167,6 +167,10 @@ def prep(
     try:
         # not while another command (an `orpo run` training on this data, another prep) uses the folder
         with run_folder_lock(out):
+            if tokenize and r.model is not None:
+                from orpo_core.data.context_length import check_max_length
+
+                check_max_length(r)  # data.max_length vs the model's context, before any data is written
             stats = prepare_dataset(r, out / "data")
             console.print(f"[green]data[/green] -> {out / 'data'}")
             if tokenize and r.model is not None:

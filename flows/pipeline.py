@@ -106,6 +106,10 @@ def orpo_pipeline(recipe: str, overrides: list[str] | None = None, push: bool | 
 def _pipeline_stages(r, d: dict[str, Any], out: Path, states: dict[str, str], push: bool | None) -> dict[str, Any]:
     """The stages of :func:`orpo_pipeline`, run while the flow holds the run folder."""
     log = run_logger()
+    if r.model is not None:
+        from orpo_core.data.context_length import check_max_length
+
+        check_max_length(r)  # data.max_length vs the model's context length, before any stage writes
     prep = run_stage(prepare_task, states, "prepare", recipe=d, out_dir=str(out / "data"))
     result: dict[str, Any] = {"run_name": r.run_name, "out_dir": str(out), "stages": states, "paths": {"data": prep["path"]}}
     if r.model is None:

@@ -87,12 +87,12 @@ def test_cli_refuses_token_override_before_prefect(tmp_path):
 
 def test_max_length_above_the_model_context_fails_before_tokenization(tmp_path):
     """data.max_length=1.0e+11 on a tiny model with 256 positions: `orpo prep` exits 2 naming both
-    numbers and writes no tokenized folder."""
+    numbers and writes nothing (checked before the data stage)."""
     res = _cli("prep", str(QUICKSTART), "--set", f"output_dir={tmp_path / 'run'}", "--set", "data.max_length=1.0e+11",
                "--set", "data.sources.0.synthetic.n_rows=50")
     assert res.returncode == 2, res.stderr[-2000:]
     assert "data.max_length (100000000000) exceeds the model's context length (256" in res.stderr
-    assert not (tmp_path / "run" / "tokenized").exists()
+    assert not (tmp_path / "run" / "tokenized").exists() and not (tmp_path / "run" / "data").exists()
 
 
 def test_offline_push_is_refused_in_one_line_before_any_upload(tmp_path):
