@@ -243,8 +243,15 @@ def eval_(
     out = r.out_dir
     trained_dir = out / "train" / "model"
     log_history = out / "train" / "log_history.json"
+    no_model = FileNotFoundError(
+        f"no trained model in {trained_dir}: run `orpo train RECIPE` first, or evaluate a model "
+        "on its own with `orpo eval RECIPE --model PATH` (folder, .gguf or packaged name)"
+    )
     try:
         mcfg = r.require_model()
+        _ensure_free(out)  # a live holder (a run still training) is named first
+        if not model and not trained_dir.is_dir():
+            raise no_model  # before the lock: nothing is created
         # writes <run>/eval and reads data + model of one version: not while a prep / run rewrites them
         with run_folder_lock(out):
             if model:
@@ -252,11 +259,8 @@ def eval_(
                 model_dir = Path(resolve_model_source(given, out, seed=r.seed).path)
             else:
                 model_dir = trained_dir
-                if not trained_dir.is_dir():
-                    raise FileNotFoundError(
-                        f"no trained model in {trained_dir}: run `orpo train RECIPE` first, or evaluate a model "
-                        "on its own with `orpo eval RECIPE --model PATH` (folder, .gguf or packaged name)"
-                    )
+                if not trained_dir.is_dir():  # removed while waiting for the lock
+                    raise no_model
             is_trained = model_dir.expanduser().resolve() == trained_dir.resolve()
             if not base:
                 r.eval.compare_base = False  # run_evaluation derives the base model from the recipe otherwise

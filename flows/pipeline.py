@@ -167,10 +167,13 @@ def push_flow(recipe: str, overrides: list[str] | None = None, dry_run: bool | N
 
     r = load(recipe, overrides)
     out = r.out_dir
+    model_dir = out / "train" / "model"
+    no_model = HubError(f"no trained model in {model_dir}: run `orpo train` or `orpo run` first")
+    if not model_dir.is_dir():
+        raise no_model  # before the lock: nothing is created
     with run_folder(out):  # not while a run rewrites the model or the eval it publishes
-        model_dir = out / "train" / "model"
         if not model_dir.is_dir():
-            raise HubError(f"no trained model in {model_dir}: run `orpo train` or `orpo run` first")
+            raise no_model
         eval_json = out / "eval" / "eval.json"
         dry = (not r.hub.push) if dry_run is None else bool(dry_run)
         states: dict[str, str] = {}
