@@ -338,6 +338,13 @@ def sweep(
     _setup_env()
     r = _load(recipe, set_)
     g = parse_grid(grid)
+    from orpo_core.config import RecipeError, check_no_secrets
+
+    try:  # grid values become flow parameters too
+        check_no_secrets([f"{k}={v}" for k, vs in g.items() for v in vs])
+    except RecipeError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from None
     from orpo_core.config import apply_overrides  # noqa: F401 - validation of each point happens in the flow
     from flows.ephemeral_server import start_ephemeral_server
     from flows.sweep import ablation_sweep

@@ -85,6 +85,12 @@ def test_cli_refuses_token_override_before_prefect(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_cli_refuses_token_in_a_sweep_grid(tmp_path):
+    token = "hf_" + "G" * 40
+    res = _cli("sweep", str(QUICKSTART), "--grid", f"hub.commit_message=a,{token}", "--set", f"output_dir={tmp_path / 'run'}")
+    assert res.returncode == 2 and "HF_TOKEN" in res.stderr and token not in res.stderr + res.stdout
+
+
 def test_max_length_above_the_model_context_fails_before_tokenization(tmp_path):
     """data.max_length=1.0e+11 on a tiny model with 256 positions: `orpo prep` exits 2 naming both
     numbers and writes nothing (checked before the data stage)."""
