@@ -1,7 +1,10 @@
 """The ``orpo`` command line.
 
 Stage commands (``prep``, ``train``, ``eval``) call ``orpo_core`` directly and need no
-Prefect server (``train`` holds the run-folder lock, :mod:`orpo_core.runs.lock`). Orchestrated
+Prefect server. Every command that writes into the run folder holds its lock
+(:mod:`orpo_core.runs.lock`; ``run``, ``sweep`` and ``push`` check it before starting a server)
+and fails at once with ``RunFolderBusy`` naming the holder; each prints the run folder
+(``output_dir`` made absolute) on stderr. Orchestrated
 commands (``run``, ``sweep``, ``push``) run Prefect flows: with ``PREFECT_API_URL`` unset a
 temporary local server is started that dies with this process, also on ``kill -9``
 (:mod:`flows.ephemeral_server`), otherwise they report to the server it names. Every command takes ``--set section.key=value``
