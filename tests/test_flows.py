@@ -539,6 +539,15 @@ def test_sweep_and_data_flow_take_the_run_folder_lock(prefect_harness, stages, t
     assert [r["status"] for r in out["points"]] == ["ok", "ok"]
     assert len(stages.calls["train"]) == 2
 
+    # the push flow (orpo push) takes <run> too: it must not publish a model a live run rewrites
+    from flows.pipeline import push_flow
+
+    (run / "train" / "model").mkdir(parents=True)
+    with run_folder_lock(run, flow_run_id="a-pipeline"):
+        with pytest.raises(RunFolderBusy, match=r"flow run a-pipeline"):
+            push_flow(recipe=recipe)
+    assert not (run / "hub").exists()
+
 
 # --------------------------------------------------------------------------- retrain
 @pytest.mark.prefect
