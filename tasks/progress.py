@@ -232,8 +232,13 @@ class PrefectProgressCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._update(state, force=True, done=True)
-        if self.sender is not None:
-            self.sender.close(self.flush_timeout_s)
+        self.close()
+
+    def close(self, flush_timeout_s: float | None = None) -> None:
+        """Stop the sender thread after sending what is pending (at most ``flush_timeout_s``,
+        default the callback's); idempotent, also called when training failed."""
+        if self.sender is not None and self.sender._thread.is_alive():
+            self.sender.close(self.flush_timeout_s if flush_timeout_s is None else flush_timeout_s)
 
 
 def make_progress_callback(key: str, description: str = "training progress", min_interval_s: float = 5.0) -> PrefectProgressCallback | None:

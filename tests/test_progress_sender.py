@@ -82,3 +82,29 @@ def test_step_time_with_the_server_killed_and_restarted():
     assert res["sender"]["failed"] >= 1 and res["sender"]["dropped"] >= res["sender"]["failed"]
     assert res["sender"]["final_progress"] == 100.0, res  # the last update reached the restarted server
     assert res["sender"]["train_end_s"] < 12.0  # the flush at train end is bounded
+
+
+def test_callback_close_stops_the_sender_when_training_failed():
+    """A training that raised never reaches on_train_end: close() (the train task's finally) ends
+    the sender thread within its bound, and a second close() is a no-op."""
+    from types import SimpleNamespace
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.progress import PrefectProgressCallback
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{silent.getsockname()[1]}/api"}):
+            cb = PrefectProgressCallback("progress-fail", "t", _ListLog(), min_interval_s=0.0, send_timeout_s=0.3)
+            cb.on_train_begin(None, SimpleNamespace(global_step=0, max_steps=10, epoch=0.0), None)
+        t0 = time.perf_counter()
+        cb.close(flush_timeout_s=1.0)
+        cb.close(flush_timeout_s=1.0)
+        closed_s = time.perf_counter() - t0
+        cb.sender._thread.join(2.0)
+    finally:
+        silent.close()
+    assert closed_s < 2.5 and not cb.sender._thread.is_alive()
