@@ -1,7 +1,10 @@
 """The ``orpo`` command line.
 
 Stage commands (``prep``, ``train``, ``eval``) call ``orpo_core`` directly and need no
-Prefect server (``train`` holds the run-folder lock, :mod:`orpo_core.runs.lock`). Orchestrated
+Prefect server. Every command that writes into the run folder holds its lock
+(:mod:`orpo_core.runs.lock`; ``run``, ``sweep`` and ``push`` check it before starting a server)
+and fails at once with ``RunFolderBusy`` naming the holder; each prints the run folder
+(``output_dir`` made absolute) on stderr. Orchestrated
 commands (``run``, ``sweep``, ``push``) run Prefect flows: with ``PREFECT_API_URL`` unset a
 temporary local server is started that dies with this process, also on ``kill -9``
 (:mod:`flows.ephemeral_server`), otherwise they report to the server it names. Every command takes ``--set section.key=value``
@@ -95,10 +98,12 @@ def _load(recipe: str, overrides: Optional[list[str]]):
     from orpo_core.config import RecipeError, load_recipe
 
     try:
-        return load_recipe(recipe, overrides or [])
+        r = load_recipe(recipe, overrides or [])
     except RecipeError as e:
         console.print(f"[red]error:[/red] {escape(str(e))}")
         raise typer.Exit(2) from None
+    console.print(f"run folder: {escape(str(r.out_dir))}")  # output_dir resolved (absolute)
+    return r
 
 
 def _fail(e: BaseException) -> None:
@@ -127,6 +132,13 @@ def _fail(e: BaseException) -> None:
     raise typer.Exit(code) from None
 
 
+def _ensure_free(run_dir: Path) -> None:
+    """Raise RunFolderBusy at once when a live process holds ``run_dir`` (:func:`orpo_core.runs.lock.ensure_free`)."""
+    from orpo_core.runs.lock import ensure_free
+
+    ensure_free(run_dir)
+
+
 def _print_json(obj) -> None:
     _print_result(json.dumps(obj, indent=2, default=str))
 
@@ -152,16 +164,23 @@ def prep(
         overrides.append(f"data.on_error={on_error}")
     r = _load(recipe, overrides)
     from orpo_core.data.prepare import prepare_dataset
+    from orpo_core.runs.lock import run_folder_lock
 
     out = r.out_dir
     try:
-        stats = prepare_dataset(r, out / "data")
-        console.print(f"[green]data[/green] -> {out / 'data'}")
-        if tokenize and r.model is not None:
-            from orpo_core.data.tokenize import tokenize_dataset
+        # not while another command (an `orpo run` training on this data, another prep) uses the folder
+        with run_folder_lock(out):
+            if tokenize and r.model is not None:
+                from orpo_core.data.context_length import check_max_length
 
-            stats = tokenize_dataset(r, out / "data", out / "tokenized")
-            console.print(f"[green]tokenized[/green] -> {out / 'tokenized'}")
+                check_max_length(r)  # data.max_length vs the model's context, before any data is written
+            stats = prepare_dataset(r, out / "data")
+            console.print(f"[green]data[/green] -> {out / 'data'}")
+            if tokenize and r.model is not None:
+                from orpo_core.data.tokenize import tokenize_dataset
+
+                stats = tokenize_dataset(r, out / "data", out / "tokenized")
+                console.print(f"[green]tokenized[/green] -> {out / 'tokenized'}")
     except Exception as e:  # noqa: BLE001 - reported with exit code
         _fail(e)
     _print_json(stats)
@@ -222,35 +241,42 @@ def eval_(
     r = _load(recipe, set_)
     from orpo_core.evaluation import run_evaluation
     from orpo_core.models.sources import resolve_model_source
+    from orpo_core.runs.lock import run_folder_lock
 
     out = r.out_dir
     trained_dir = out / "train" / "model"
     log_history = out / "train" / "log_history.json"
+    no_model = FileNotFoundError(
+        f"no trained model in {trained_dir}: run `orpo train RECIPE` first, or evaluate a model "
+        "on its own with `orpo eval RECIPE --model PATH` (folder, .gguf or packaged name)"
+    )
     try:
         mcfg = r.require_model()
-        if model:
-            given = mcfg.model_copy(update={"name_or_path": model, "gguf_file": None, "revision": None})
-            model_dir = Path(resolve_model_source(given, out, seed=r.seed).path)
-        else:
-            model_dir = trained_dir
-            if not trained_dir.is_dir():
-                raise FileNotFoundError(
-                    f"no trained model in {trained_dir}: run `orpo train RECIPE` first, or evaluate a model "
-                    "on its own with `orpo eval RECIPE --model PATH` (folder, .gguf or packaged name)"
-                )
-        is_trained = model_dir.expanduser().resolve() == trained_dir.resolve()
-        if not base:
-            r.eval.compare_base = False  # run_evaluation derives the base model from the recipe otherwise
-        label = "model" if (model and not is_trained and not r.eval.compare_base) else None
-        result = run_evaluation(
-            r,
-            model_dir,
-            out / "tokenized",
-            out / "eval",
-            log_history=log_history if (is_trained and log_history.is_file()) else None,
-            allow_unprepared=bool(model),
-            model_label=label,
-        )
+        _ensure_free(out)  # a live holder (a run still training) is named first
+        if not model and not trained_dir.is_dir():
+            raise no_model  # before the lock: nothing is created
+        # writes <run>/eval and reads data + model of one version: not while a prep / run rewrites them
+        with run_folder_lock(out):
+            if model:
+                given = mcfg.model_copy(update={"name_or_path": model, "gguf_file": None, "revision": None})
+                model_dir = Path(resolve_model_source(given, out, seed=r.seed).path)
+            else:
+                model_dir = trained_dir
+                if not trained_dir.is_dir():  # removed while waiting for the lock
+                    raise no_model
+            is_trained = model_dir.expanduser().resolve() == trained_dir.resolve()
+            if not base:
+                r.eval.compare_base = False  # run_evaluation derives the base model from the recipe otherwise
+            label = "model" if (model and not is_trained and not r.eval.compare_base) else None
+            result = run_evaluation(
+                r,
+                model_dir,
+                out / "tokenized",
+                out / "eval",
+                log_history=log_history if (is_trained and log_history.is_file()) else None,
+                allow_unprepared=bool(model),
+                model_label=label,
+            )
     except Exception as e:  # noqa: BLE001
         _fail(e)
     _print_json(result.get("summary", result) if isinstance(result, dict) else result)
@@ -268,11 +294,12 @@ def run(
 ) -> None:
     """Run the whole pipeline as a Prefect flow: prepare -> tokenize -> train -> evaluate -> push."""
     _setup_env()
-    _load(recipe, set_)  # validate before starting Prefect
+    r = _load(recipe, set_)  # validate before starting Prefect
     from flows.ephemeral_server import start_ephemeral_server
     from flows.pipeline import orpo_pipeline
 
     try:
+        _ensure_free(r.out_dir)  # fail at once, before a server starts (the flow takes the lock itself)
         start_ephemeral_server()  # without PREFECT_API_URL: a temporary server that dies with this process
         result = orpo_pipeline(recipe=recipe, overrides=list(set_ or []), push=push)
     except Exception as e:  # noqa: BLE001
@@ -312,13 +339,23 @@ def sweep(
 ) -> None:
     """Ablation sweep: train + evaluate each grid point, sharing the cached data stages."""
     _setup_env()
-    _load(recipe, set_)
+    r = _load(recipe, set_)
     g = parse_grid(grid)
+    from orpo_core.config import RecipeError, check_no_secrets
+
+    try:  # grid values become flow parameters too
+        check_no_secrets([f"{k}={v}" for k, vs in g.items() for v in vs])
+    except RecipeError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from None
     from orpo_core.config import apply_overrides  # noqa: F401 - validation of each point happens in the flow
     from flows.ephemeral_server import start_ephemeral_server
     from flows.sweep import ablation_sweep
 
     try:
+        if not fan_out:  # the points share <run>/data and <run>/tokenized unless the grid changes them
+            _ensure_free(r.out_dir)
+        _ensure_free(r.out_dir / "sweep")
         start_ephemeral_server()
         result = ablation_sweep(recipe=recipe, grid=g, overrides=list(set_ or []), fan_out=fan_out)
     except Exception as e:  # noqa: BLE001
@@ -334,11 +371,19 @@ def push(
 ) -> None:
     """Publish the trained model, tokenizer and model card to the Hugging Face Hub (token from HF_TOKEN)."""
     _setup_env()
-    _load(recipe, set_)
+    r = _load(recipe, set_)
+    if dry_run is False or (dry_run is None and r.hub.push):
+        from orpo_core.publish.hub import HubError, refuse_offline_upload
+
+        try:
+            refuse_offline_upload()  # before a server starts or a folder is built: nothing is uploaded
+        except HubError as e:
+            _fail(e)
     from flows.ephemeral_server import start_ephemeral_server
     from flows.pipeline import push_flow
 
     try:
+        _ensure_free(r.out_dir)
         start_ephemeral_server()
         result = push_flow(recipe=recipe, overrides=list(set_ or []), dry_run=dry_run)
     except Exception as e:  # noqa: BLE001

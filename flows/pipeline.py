@@ -106,6 +106,10 @@ def orpo_pipeline(recipe: str, overrides: list[str] | None = None, push: bool | 
 def _pipeline_stages(r, d: dict[str, Any], out: Path, states: dict[str, str], push: bool | None) -> dict[str, Any]:
     """The stages of :func:`orpo_pipeline`, run while the flow holds the run folder."""
     log = run_logger()
+    if r.model is not None:
+        from orpo_core.data.context_length import check_max_length
+
+        check_max_length(r)  # data.max_length vs the model's context length, before any stage writes
     prep = run_stage(prepare_task, states, "prepare", recipe=d, out_dir=str(out / "data"))
     result: dict[str, Any] = {"run_name": r.run_name, "out_dir": str(out), "stages": states, "paths": {"data": prep["path"]}}
     if r.model is None:
@@ -156,28 +160,33 @@ def push_flow(recipe: str, overrides: list[str] | None = None, dry_run: bool | N
         dry_run: only write ``<run>/hub`` (None: ``not hub.push``).
 
     Raises:
-        orpo_core.publish.hub.HubError: no trained model, invalid repo id, no token.
+        orpo_core.publish.hub.HubError: no trained model, invalid repo id, no token, offline mode.
+        orpo_core.runs.lock.RunFolderBusy: another live run holds the run folder.
     """
     from orpo_core.publish.hub import HubError
 
     r = load(recipe, overrides)
     out = r.out_dir
     model_dir = out / "train" / "model"
+    no_model = HubError(f"no trained model in {model_dir}: run `orpo train` or `orpo run` first")
     if not model_dir.is_dir():
-        raise HubError(f"no trained model in {model_dir}: run `orpo train` or `orpo run` first")
-    eval_json = out / "eval" / "eval.json"
-    dry = (not r.hub.push) if dry_run is None else bool(dry_run)
-    states: dict[str, str] = {}
-    pu = run_stage(
-        push_task,
-        states,
-        "push",
-        recipe=r.to_dict(),
-        model_dir=str(model_dir),
-        eval_json=str(eval_json) if eval_json.is_file() else None,
-        out_dir=str(out / "hub"),
-        dry_run=dry,
-    )
-    if pu.get("pushed"):
-        write_published_record(out, r, str(eval_json) if eval_json.is_file() else None, pu)
+        raise no_model  # before the lock: nothing is created
+    with run_folder(out):  # not while a run rewrites the model or the eval it publishes
+        if not model_dir.is_dir():
+            raise no_model
+        eval_json = out / "eval" / "eval.json"
+        dry = (not r.hub.push) if dry_run is None else bool(dry_run)
+        states: dict[str, str] = {}
+        pu = run_stage(
+            push_task,
+            states,
+            "push",
+            recipe=r.to_dict(),
+            model_dir=str(model_dir),
+            eval_json=str(eval_json) if eval_json.is_file() else None,
+            out_dir=str(out / "hub"),
+            dry_run=dry,
+        )
+        if pu.get("pushed"):
+            write_published_record(out, r, str(eval_json) if eval_json.is_file() else None, pu)
     return json_safe({**pu, "stages": states})

@@ -7,7 +7,9 @@ own output folder ``<run>/sweep/<suffix>/`` (``train/``, ``eval/``). Points
 whose data-stage fields equal the base recipe's share ``<run>/data`` and
 ``<run>/tokenized`` (prepared once, or found cached from an earlier
 ``orpo run``); a grid over data / tokenizer fields gives those points their
-own data folders. The base model is evaluated once (with the first point)
+own data folders. While points share ``<run>/data`` / ``<run>/tokenized``, the sweep holds
+the run folder's lock (``<run>``, as ``orpo run`` and ``orpo prep`` do) besides
+``<run>/sweep``'s, so nothing rewrites those folders under it. The base model is evaluated once (with the first point)
 unless the grid changes the model or eval sections.
 
 Train and evaluate tasks are submitted to a ``ThreadPoolTaskRunner`` whose
@@ -35,6 +37,7 @@ plus a table artifact and a markdown artifact in the Prefect UI.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -216,8 +219,9 @@ def ablation_sweep(
     Raises:
         ValueError / RecipeError: bad grid or a point that is not a valid recipe (before any work).
         RuntimeError: some points failed (after the table and plot are written).
-        orpo_core.runs.lock.RunFolderBusy: another live sweep holds ``<run>/sweep`` (the run-folder
-            lock of :func:`flows.pipeline.run_folder`, taken after the grid is validated).
+        orpo_core.runs.lock.RunFolderBusy: another live sweep holds ``<run>/sweep``, or (when points
+            share the run's data stages) another command holds ``<run>`` (the run-folder locks of
+            :func:`flows.runs.run_folder`, taken after the grid is validated; ``<run>`` first).
     """
     log = run_logger()
     overrides = list(overrides or [])
@@ -246,8 +250,16 @@ def ablation_sweep(
                      "overrides": pt_over})
     if len({p["suffix"] for p in plan}) != len(plan):
         raise ValueError(f"grid points do not have distinct folder names: {[p['suffix'] for p in plan]}")
-    # one sweep at a time per sweep folder (the points' train/eval folders are inside it)
-    with run_folder(sweep_dir):
+    shares_run_data = not fan_out and any(
+        p["data_dir"] == base_out / "data" or p["tok_dir"] == base_out / "tokenized" for p in plan
+    )
+    with contextlib.ExitStack() as held:
+        # points sharing <run>/data and <run>/tokenized: hold the run folder itself while the sweep
+        # writes and trains on them (an `orpo run` / `orpo prep` there makes this fail fast, and
+        # none can replace them under the training points); then the sweep folder (one sweep at a time)
+        if shares_run_data:
+            held.enter_context(run_folder(base_out))
+        held.enter_context(run_folder(sweep_dir))
         log.info("sweep of %d points: %s", len(plan), ", ".join(p["suffix"] for p in plan))
         gate, mode = base.eval.gate_metric, base.eval.gate_mode
         if fan_out:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,8 +39,43 @@ class RecipeError(ValueError):
     """A recipe file or override is malformed (message names file and key)."""
 
 
+#: what ``run_name`` may look like (one folder name; ``..`` is rejected separately)
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+#: a Hugging Face access token (``hf_`` + 30 or more letters/digits): never accepted in a recipe or override
+HF_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{30,}")
+#: override keys that name a secret
+_SECRET_KEY_RE = re.compile(r"(^|\.)(hf_|hub_|access_|auth_)?(token|secret|password|api_key)$", re.IGNORECASE)
+TOKEN_HINT = (
+    "tokens never go into a recipe or a --set override (they would be stored in clear in Prefect's flow-run "
+    "parameters): set the environment variable HF_TOKEN or run `hf auth login` on the machine that pushes"
+)
+
+
+def check_no_secrets(overrides: list[str] | dict[str, Any] | None) -> None:
+    """Refuse overrides that carry a secret: a key such as ``hub.token`` or any value that looks like
+    a Hugging Face token (:data:`HF_TOKEN_RE`).
+
+    Raises:
+        RecipeError: naming the key (never the value) and where tokens go (:data:`TOKEN_HINT`).
+    """
+    if not overrides:
+        return
+    items = overrides.items() if isinstance(overrides, dict) else (
+        (ov.split("=", 1)[0], ov.split("=", 1)[1] if "=" in ov else "") for ov in overrides
+    )
+    for key, value in items:
+        key = str(key).strip()
+        if _SECRET_KEY_RE.search(key):
+            raise RecipeError(f"override {key!r} names a secret; {TOKEN_HINT}")
+        if HF_TOKEN_RE.search(str(value)):
+            raise RecipeError(f"override {key!r} has a value that looks like a Hugging Face token; {TOKEN_HINT}")
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    """Base of every recipe section: unknown keys rejected, assignments validated, and no
+    non-finite float anywhere (``allow_inf_nan=False``: ``.inf`` / ``.nan`` fail validation)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- model
@@ -431,9 +467,23 @@ class Recipe(_Strict):
     # file the recipe came from (not part of the schema); relative paths resolve against its folder's parent
     _source_file: Path | None = None
 
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, v: str) -> str:
+        """A run name is one folder name: letters, digits, ``.``, ``_``, ``+``, ``-``; no path
+        separator, no ``..``, no leading dot (it becomes part of ``output_dir``)."""
+        if not RUN_NAME_RE.fullmatch(v) or ".." in v:
+            raise ValueError(
+                f"run_name {v!r} is not a safe folder name: use letters, digits, '.', '_', '+', '-' "
+                "(at most 128, starting with a letter or digit; no '/', no '..'); put the folder in output_dir"
+            )
+        return v
+
     @property
     def out_dir(self) -> Path:
-        return Path(self.output_dir.replace("${run_name}", self.run_name))
+        """The run folder: ``output_dir`` with ``${run_name}`` filled in, ``~`` expanded, made
+        absolute against the current working directory (what the CLI prints and results report)."""
+        return Path(os.path.abspath(os.path.expanduser(self.output_dir.replace("${run_name}", self.run_name))))
 
     def require_model(self) -> ModelConfig:
         """Return ``model`` or raise :class:`RecipeError` for a data-only recipe."""
@@ -463,11 +513,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any] 
     List items are addressed by index (``data.sources.0.max_rows=100``).
 
     Raises:
-        RecipeError: an override without ``=``.
+        RecipeError: an override without ``=``, or one carrying a secret (:func:`check_no_secrets`).
     """
     out = copy.deepcopy(data)
     if not overrides:
         return out
+    check_no_secrets(overrides)
     items = overrides.items() if isinstance(overrides, dict) else []
     if isinstance(overrides, list):
         parsed = []

@@ -7,17 +7,28 @@
 * :func:`file_sha256`: the sha256 of a file's bytes, streamed in 1 MiB blocks.
 * :func:`round_sig` / :func:`fmt_value`: numbers for people (4 significant digits, integers
   without decimals).
+* :func:`staging_dir` / :func:`replace_dir`: build an output folder in a sibling named after its
+  owner process (pid + host), publish it in one atomic exchange; only dead owners' leftovers are
+  removed (:func:`remove_stale_temp_dirs`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import glob
 import hashlib
 import json
 import math
 import os
+import re
+import shutil
+import socket
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +139,142 @@ def fmt_value(v: Any, digits: int = SIG_DIGITS) -> str:
             return str(int(v))
         return f"{v:.{digits}g}"
     return str(v)
+
+
+# --------------------------------------------------------------------------- staging folders
+#: ``.<name>.tmp-<pid>@<host>-<8 hex>`` / ``.<name>.old-...``: temp siblings of an output folder,
+#: named after the process that made them so that only a dead owner's leftovers are removed
+_OWNED_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)@(?P<host>[A-Za-z0-9._-]+)-[0-9a-f]{8}$")
+_LEGACY_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}$")
+#: folders in the pre-owner naming (no pid) are removed only when older than this (seconds)
+LEGACY_STALE_AGE_S = 3600.0
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (``os.kill(pid, 0)``; a process of another
+    user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owned_temp_path(out_dir: str | Path, kind: str = "tmp") -> Path:
+    """A fresh sibling path ``.<name>.<kind>-<pid>@<host>-<8 hex>`` of ``out_dir`` (not created)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.{kind}-{os.getpid()}@{_host()}-{uuid.uuid4().hex[:8]}"
+
+
+def make_owned_temp_dir(out_dir: str | Path) -> Path:
+    """Create an empty staging folder next to ``out_dir`` (:func:`owned_temp_path`), mode
+    ``0777 & ~umask`` (0755 under umask 022; unlike ``tempfile.mkdtemp``'s 0700), after removing
+    the staging leftovers of dead processes (:func:`remove_stale_temp_dirs`).
+
+    Raises:
+        OSError: the parent folder cannot be created or written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(out_dir)
+    tmp = owned_temp_path(out_dir)
+    tmp.mkdir()
+    return tmp
+
+
+def remove_stale_temp_dirs(out_dir: str | Path) -> list[Path]:
+    """Remove the ``.tmp-`` / ``.old-`` siblings of ``out_dir`` whose owner process is gone.
+
+    A folder named by :func:`owned_temp_path` is removed when its host is this host and its pid
+    is not alive (:func:`pid_alive`); folders of live processes and of other hosts (a shared
+    filesystem) are kept. Folders in the older naming without a pid (``.<name>.tmp-<8 hex>``)
+    are removed when untouched for :data:`LEGACY_STALE_AGE_S`. Returns the removed paths.
+    """
+    out_dir = Path(out_dir)
+    removed: list[Path] = []
+    if not out_dir.parent.is_dir():
+        return removed
+    host = _host()
+    for kind in ("tmp", "old"):
+        for p in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.{kind}-*"):
+            m = _OWNED_RE.match(p.name)
+            if m and m["name"] == out_dir.name:
+                stale = m["host"] == host and not pid_alive(int(m["pid"]))
+            elif (lm := _LEGACY_RE.match(p.name)) and lm["name"] == out_dir.name:
+                try:
+                    stale = time.time() - p.stat().st_mtime > LEGACY_STALE_AGE_S
+                except OSError:
+                    stale = False
+            else:
+                stale = False
+            if stale:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False when unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(tmp: str | Path, out_dir: str | Path) -> Path:
+    """Publish the complete folder ``tmp`` as ``out_dir``; the previous ``out_dir`` is removed.
+
+    When ``out_dir`` exists the two are exchanged in one atomic step (``renameat2``
+    ``RENAME_EXCHANGE``), so a reader sees the old folder or the new one, never a mix and never
+    no folder; where that call is unsupported, the old folder is renamed aside first (a crash in
+    between leaves no ``out_dir`` and the old one under a ``.old-`` name that
+    :func:`remove_stale_temp_dirs` removes later). Returns ``out_dir``.
+
+    Raises:
+        OSError: a rename failed (``tmp`` is then left for the caller to remove).
+    """
+    tmp, out_dir = Path(tmp), Path(out_dir)
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return out_dir
+    if _exchange(tmp, out_dir):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the previous folder, under the owner-tagged name
+        return out_dir
+    old = owned_temp_path(out_dir, "old")
+    os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+@contextlib.contextmanager
+def staging_dir(out_dir: str | Path) -> Iterator[Path]:
+    """A staging folder (:func:`make_owned_temp_dir`) that replaces ``out_dir`` when the block
+    succeeds (:func:`replace_dir`) and is removed when it fails (``out_dir`` then unchanged)."""
+    tmp = make_owned_temp_dir(out_dir)
+    try:
+        yield tmp
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

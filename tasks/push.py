@@ -132,12 +132,13 @@ def push_task(
         orpo_core.publish.hub.HubError: invalid repo id, missing model files, no token (not retried).
         orpo_core.publish.hub.HubPushError: the upload failed (retried when transient).
     """
-    from orpo_core.publish.hub import build_hub_folder, push_folder, validate_repo_id
+    from orpo_core.publish.hub import build_hub_folder, push_folder, refuse_offline_upload, validate_repo_id
 
     r = load_recipe_dict(recipe)
     log = run_logger()
     if not dry_run:
         validate_repo_id(r.hub.repo_id)
+        refuse_offline_upload()  # HF_HUB_OFFLINE=1: fail before building anything (HubError, never retried)
     elif r.hub.repo_id:
         validate_repo_id(r.hub.repo_id)
     token = None if dry_run else resolve_hf_token()

@@ -53,10 +53,14 @@ def train_task(recipe: dict[str, Any], tokenized_dir: str, out_dir: str) -> dict
     resume = resume_decision(out, base_key, log=run_logger())
     cb = make_progress_callback(artifact_key(r.run_name, "training-progress"), f"Training progress of {r.run_name}")
     with training_marker(out, base_key), stage_run("train", inputs) as box:
-        if uses_launcher(r.train.distributed):  # train.distributed: accelerate launch, lines to the run log
-            metrics = train_distributed(r, Path(tokenized_dir), out, resume=resume, callbacks=[cb] if cb else None, line_logger=run_logger())
-        else:
-            metrics = run_training(r, Path(tokenized_dir), out, resume=resume, callbacks=[cb] if cb else None)
+        try:
+            if uses_launcher(r.train.distributed):  # train.distributed: accelerate launch, lines to the run log
+                metrics = train_distributed(r, Path(tokenized_dir), out, resume=resume, callbacks=[cb] if cb else None, line_logger=run_logger())
+            else:
+                metrics = run_training(r, Path(tokenized_dir), out, resume=resume, callbacks=[cb] if cb else None)
+        finally:
+            if cb is not None:  # a failed training never reached on_train_end: stop its progress sender
+                cb.close(flush_timeout_s=2.0)
         box["result"] = {
             "stage": "train",
             "path": str(out),

@@ -70,7 +70,7 @@ def test_overrides_apply_and_parse_types(tmp_path):
     assert r.orpo.beta == 0.25 and isinstance(r.orpo.beta, float)
     assert r.train.gradient_checkpointing is True
     assert r.data.sources[0].max_rows == 7
-    assert r.out_dir == Path("runs/x")
+    assert r.out_dir == Path.cwd() / "runs" / "x"  # resolved against the working directory
 
 
 def test_override_errors(tmp_path):

@@ -529,12 +529,24 @@ def test_sweep_and_data_flow_take_the_run_folder_lock(prefect_harness, stages, t
     with run_folder_lock(run, flow_run_id="a-pipeline"):
         with pytest.raises(RunFolderBusy, match=r"flow run a-pipeline"):
             data_flow(recipe=recipe)
+        # the sweep's points share <run>/data and <run>/tokenized: it needs <run> too
+        with pytest.raises(RunFolderBusy, match=r"flow run a-pipeline"):
+            ablation_sweep(recipe=recipe, grid={"orpo.beta": [0.1, 0.2]})
     assert not stages.calls
 
     assert data_flow(recipe=recipe)["stages"] == {"prepare": "Completed", "tokenize": "Completed"}
     out = ablation_sweep(recipe=recipe, grid={"orpo.beta": [0.1, 0.2]})
     assert [r["status"] for r in out["points"]] == ["ok", "ok"]
     assert len(stages.calls["train"]) == 2
+
+    # the push flow (orpo push) takes <run> too: it must not publish a model a live run rewrites
+    from flows.pipeline import push_flow
+
+    (run / "train" / "model").mkdir(parents=True)
+    with run_folder_lock(run, flow_run_id="a-pipeline"):
+        with pytest.raises(RunFolderBusy, match=r"flow run a-pipeline"):
+            push_flow(recipe=recipe)
+    assert not (run / "hub").exists()
 
 
 # --------------------------------------------------------------------------- retrain

@@ -7,12 +7,14 @@ import json
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx2
 import pytest
 import yaml
+from huggingface_hub import errors as hf_errors
 from huggingface_hub.errors import HfHubHTTPError
 
 import orpo_core.publish.hub as hub
@@ -39,6 +41,11 @@ def _recipe(tmp_path: Path, **hub_over):
             "hub": {"repo_id": "tester/orpo-tiny", **hub_over},
         }
     )
+
+
+def _hf_error(cls, status: int):
+    resp = httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/api/models/tester/x"))
+    return cls(f"{status} {cls.__name__}", response=resp)
 
 
 def _http_error(status: int, token: str = "") -> HfHubHTTPError:
@@ -73,9 +80,13 @@ class FakeHfApi:
 
 @pytest.fixture
 def fake_api(monkeypatch):
+    """A fake, reachable Hub: uploads are allowed (the tests' HF_HUB_OFFLINE=1 is lifted)."""
+    from huggingface_hub import constants
+
     FakeHfApi.calls = []
     FakeHfApi.fail = []
     monkeypatch.setattr(hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     return FakeHfApi
 
 
@@ -222,10 +233,38 @@ def test_push_folder_errors(tmp_path, fake_api):
         (HubError("bad repo"), False),
         (ValueError("bad"), False),
         (FileNotFoundError("x"), False),
+        # huggingface_hub's permanent errors, some of them ConnectionError / HTTPError subclasses
+        (hf_errors.OfflineModeIsEnabled("offline mode is enabled"), False),
+        (_hf_error(hf_errors.RepositoryNotFoundError, 404), False),
+        (_hf_error(hf_errors.RevisionNotFoundError, 404), False),
+        (hf_errors.EntryNotFoundError("README.md"), False),
+        (_hf_error(hf_errors.GatedRepoError, 403), False),
+        (PermissionError(13, "Permission denied"), False),
+        (HubPushError("upload failed: 401", status_code=401, transient=False), False),
+        # DNS, connection reset, 502 / 429 from the Hub
+        (socket.gaierror(-3, "Temporary failure in name resolution"), True),
+        (ConnectionResetError(104, "Connection reset by peer"), True),
+        (_hf_error(HfHubHTTPError, 502), True),
+        (_hf_error(HfHubHTTPError, 429), True),
     ],
 )
 def test_transient_classification(exc, transient):
+    """The push task's retry condition and the stages' (orpo_core.runs.retry.is_transient) agree."""
+    from orpo_core.runs.retry import is_transient
+
     assert is_transient_error(exc) is transient
+    assert is_transient(exc) is transient
+
+
+def test_offline_mode_refuses_upload_before_any_call(tmp_path, tiny_model_dir, fake_api, monkeypatch):
+    """HF_HUB_OFFLINE=1: push_folder raises HubError (permanent) before creating a repo or uploading."""
+    from huggingface_hub import constants
+
+    folder = build_hub_folder(_recipe(tmp_path), tiny_model_dir, None, tmp_path / "hub")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE=1") as ei:
+        push_folder(folder, HubConfig(repo_id="tester/x"), "hf_tok")
+    assert fake_api.calls == [] and not is_transient_error(ei.value)
 
 
 def test_read_published_metrics(tmp_path, monkeypatch):

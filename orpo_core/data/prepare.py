@@ -53,10 +53,7 @@ import json
 import logging
 import os
 import random
-import shutil
-import uuid
 from collections import Counter, defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -66,6 +63,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from orpo_core.io import staging_dir
 from orpo_core.stages import fields_hash
 from orpo_core.config import Recipe, SourceConfig
 from orpo_core.data.chunked import (
@@ -633,24 +631,9 @@ def _build_stats(recipe: Recipe, states: list[SourceState], store: PairStore, ou
 
 
 
-@contextmanager
-def _staging(out_dir: Path) -> Iterator[Path]:
-    """A temporary sibling folder that replaces ``out_dir`` when the block succeeds and
-    is removed when it fails (an existing ``out_dir`` is then left untouched)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out_dir.exists():
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out_dir.exists():
-            old.rename(out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def _staging(out_dir: Path):
+    """A staging folder named after this process (:func:`orpo_core.io.staging_dir`) that replaces
+    ``out_dir`` in one atomic exchange when the block succeeds and is removed when it fails (an
+    existing ``out_dir`` is then left untouched). Only staging folders whose owner process is
+    gone are cleaned up, so two writers never delete each other's folder."""
+    return staging_dir(out_dir)

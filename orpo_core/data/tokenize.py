@@ -70,6 +70,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from orpo_core.io import make_owned_temp_dir, replace_dir
+from orpo_core.data.context_length import check_max_length
 from orpo_core.data.errors import BAD_CONVERSATION, BAD_VALUE, MISSING_COLUMN, UNREADABLE, DataError, RowRef
 
 log = logging.getLogger(__name__)
@@ -633,7 +635,8 @@ def tokenize_dataset(recipe: Any, data_dir: str | Path, out_dir: str | Path) -> 
         (:func:`tokenizer_info`).
 
     Raises:
-        RecipeError: the recipe has no ``model`` section.
+        RecipeError: the recipe has no ``model`` section, or ``data.max_length`` exceeds the
+            model's context length (:func:`check_max_length`, before reading any data).
         TokenizerLoadError: the tokenizer cannot be loaded (see ``load_tokenizer``).
         DataError: a missing/unreadable input file or column, or a bad row (see
             :func:`tokenize_table`); names file, row and field.
@@ -644,14 +647,13 @@ def tokenize_dataset(recipe: Any, data_dir: str | Path, out_dir: str | Path) -> 
 
     t0 = time.perf_counter()
     model_cfg = recipe.require_model()
+    check_max_length(recipe)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     tables = {split: _read_pairs_table(data_dir / f"{split}.parquet") for split in SPLITS}
     tokenizer, added = load_tokenizer(model_cfg, recipe.out_dir, seed=recipe.seed)
     dcfg = recipe.data
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = make_owned_temp_dir(out_dir)  # named after this process; dead owners' leftovers removed
     try:
         split_stats: dict[str, Any] = {}
         for split in SPLITS:
@@ -713,11 +715,6 @@ def tokenize_dataset(recipe: Any, data_dir: str | Path, out_dir: str | Path) -> 
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the complete ``tmp`` folder to ``out_dir`` (an old ``out_dir`` is removed after the swap)."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Move the complete ``tmp`` folder to ``out_dir`` in one atomic exchange
+    (:func:`orpo_core.io.replace_dir`; the old ``out_dir`` is removed after the swap)."""
+    replace_dir(tmp, out_dir)

@@ -1,6 +1,7 @@
 """Evaluation report: ``eval.json`` (every number), ``eval.md`` (tables) and ``curves.png``.
 
-All three files are written atomically (temp file + rename).
+The three files are written into one staging folder that replaces the eval folder in one atomic
+exchange (:func:`write_report`), so they are always published together.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from orpo_core.io import atomic_write, atomic_write_json, atomic_write_text
+from orpo_core.io import atomic_write, atomic_write_json, atomic_write_text, staging_dir
 from .errors import EvalInputError
 
 #: (title, train key, eval key) of the panels in ``curves.png`` (TRL ORPOTrainer log names)
@@ -332,16 +333,20 @@ def instruction_markdown(report: dict[str, Any]) -> list[str]:
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike, history: list[dict[str, Any]]) -> dict[str, str]:
     """Write ``curves.png`` (when ``history`` has curve entries), ``eval.md`` and ``eval.json``
-    (last, so its presence means the report is complete). Returns the written paths."""
+    into a staging folder named after this process, then publish that folder as ``out_dir`` in
+    one atomic exchange (:func:`orpo_core.io.staging_dir`): a reader sees the three files of one
+    evaluation, never a new report with old numbers, also after a kill. Whatever else was in
+    ``out_dir`` is replaced. Returns the written paths (under ``out_dir``)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
-    png = plot_curves(history, out / "curves.png") if history else None
-    report["curves"] = "curves.png" if png else None
-    if png:
-        files["curves"] = str(png)
-    files["eval_md"] = str(atomic_write_text(out / "eval.md", render_markdown(report)))
-    files["eval_json"] = str(out / "eval.json")
-    report["files"] = {k: Path(v).name for k, v in files.items()}
-    atomic_write_json(out / "eval.json", report)
+    with staging_dir(out) as tmp:
+        png = plot_curves(history, tmp / "curves.png") if history else None
+        report["curves"] = "curves.png" if png else None
+        if png:
+            files["curves"] = str(out / "curves.png")
+        atomic_write_text(tmp / "eval.md", render_markdown(report))
+        files["eval_md"] = str(out / "eval.md")
+        files["eval_json"] = str(out / "eval.json")
+        report["files"] = {k: Path(v).name for k, v in files.items()}
+        atomic_write_json(tmp / "eval.json", report)
     return files

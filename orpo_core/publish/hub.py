@@ -26,13 +26,14 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import socket
 from pathlib import Path
 from typing import Any, Mapping
 
 from huggingface_hub import HfApi
 
 from orpo_core.config import HubConfig, Recipe
+from orpo_core.io import make_owned_temp_dir, replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +169,7 @@ def build_hub_folder(
     has_curves = bool(curves and curves.is_file())
     adapter_only = (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file()
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = make_owned_temp_dir(out_dir)  # 0755 (not mkdtemp's 0700): readable by whoever shares the run folder
     try:
         for f in files:
             _link_or_copy(f, tmp / f.name)
@@ -189,13 +189,7 @@ def build_hub_folder(
             (tmp / EVAL_NAME).write_text(json.dumps(public, indent=2, sort_keys=True), encoding="utf-8")
         if has_curves:
             shutil.copy2(curves, tmp / CURVES_NAME)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -252,23 +246,67 @@ def http_status(exc: BaseException) -> int | None:
     return None
 
 
-def is_transient_error(exc: BaseException) -> bool:
-    """Whether an upload error is worth retrying: timeouts, connection errors, HTTP 429 and 5xx.
+#: HTTP statuses that a retry cannot fix: bad request, authentication, permission, not found, gone, conflict, too large
+PERMANENT_STATUSES = frozenset({400, 401, 403, 404, 405, 409, 410, 413, 422})
 
-    Authentication (401/403), missing repo (404), bad requests and local
-    errors (:class:`HubError`, missing files) are permanent.
+
+def is_permanent_error(exc: BaseException) -> bool:
+    """Whether an error can never pass by retrying: huggingface_hub's offline mode
+    (``OfflineModeIsEnabled``, although it subclasses ``ConnectionError``), not-found errors
+    (``RepositoryNotFoundError``, ``RevisionNotFoundError``, ``EntryNotFoundError``, gated or
+    disabled repos), HTTP 400/401/403/404/405/409/410/413/422 (:data:`PERMANENT_STATUSES`),
+    ``PermissionError`` and :class:`HubError`; a :class:`HubPushError` says itself."""
+    from huggingface_hub import errors as hf_errors
+
+    if isinstance(exc, HubPushError):
+        return not exc.transient
+    if isinstance(exc, (HubError, PermissionError)):
+        return True
+    permanent = tuple(
+        c
+        for c in (
+            getattr(hf_errors, n, None)
+            for n in ("OfflineModeIsEnabled", "RepositoryNotFoundError", "RevisionNotFoundError", "EntryNotFoundError",
+                      "GatedRepoError", "DisabledRepoError", "BadRequestError")
+        )
+        if isinstance(c, type)
+    )
+    if permanent and isinstance(exc, permanent):
+        return True
+    return http_status(exc) in PERMANENT_STATUSES
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """Whether an upload / download error is worth retrying: timeouts, DNS failures, connection
+    errors (refused, reset), HTTP 429 and 5xx.
+
+    Permanent (:func:`is_permanent_error`): offline mode, authentication (401/403), not found
+    (404 and huggingface_hub's not-found errors), permissions, bad requests and local errors
+    (:class:`HubError`, missing files).
     """
     if isinstance(exc, HubPushError):
         return exc.transient
-    if isinstance(exc, HubError):
+    if is_permanent_error(exc):
         return False
     status = http_status(exc)
     if status is not None:
         return status == 429 or 500 <= status < 600
-    if isinstance(exc, (TimeoutError, ConnectionError)):
+    if isinstance(exc, (TimeoutError, ConnectionError, socket.gaierror)):
         return True
     name = type(exc).__name__.lower()
     return any(s in name for s in ("timeout", "connecterror", "connectionerror", "remoteprotocolerror", "readerror"))
+
+
+def refuse_offline_upload() -> None:
+    """Refuse an upload in offline mode (``HF_HUB_OFFLINE=1``), before anything is built or sent.
+
+    Raises:
+        HubError: offline mode is on (permanent: a retry would fail the same way).
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise HubError("HF_HUB_OFFLINE=1: uploads are disabled in offline mode; unset HF_HUB_OFFLINE to push, or use --dry-run")
 
 
 def push_folder(folder: str | Path, hub_cfg: HubConfig, token: str | None) -> str:
@@ -279,11 +317,13 @@ def push_folder(folder: str | Path, hub_cfg: HubConfig, token: str | None) -> st
     ``upload_folder(revision=..., commit_message=hub_cfg.commit_message)``.
 
     Raises:
-        HubError: invalid repo id, missing folder or model card, no token.
+        HubError: invalid repo id, missing folder or model card, no token, offline mode
+            (:func:`refuse_offline_upload`).
         HubPushError: the Hub call failed; the message never contains the token,
             ``transient`` tells whether a retry may help (timeouts, 429, 5xx).
     """
     repo_id = validate_repo_id(hub_cfg.repo_id)
+    refuse_offline_upload()
     folder = Path(folder)
     if not (folder / CARD_NAME).is_file():
         raise HubError(f"{folder} is not a hub folder (no {CARD_NAME}); build it with build_hub_folder first")

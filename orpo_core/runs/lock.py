@@ -69,6 +69,31 @@ def _write_owner(run_dir: Path, record: dict[str, Any]) -> None:
     atomic_write_json(run_dir / OWNER_NAME, record, indent=1)
 
 
+def ensure_free(run_dir: str | Path) -> None:
+    """Fail at once when a live process holds the run folder, without taking it and without
+    touching its owner record (a command checks this before starting a Prefect server; the
+    flow then takes the lock itself with :func:`run_folder_lock`).
+
+    Raises:
+        RunFolderBusy: the folder's lock is held (message: folder, lock file, holder).
+    """
+    d = Path(run_dir)
+    lock_path = d / LOCK_NAME
+    if not lock_path.is_file():
+        return
+    lock = FileLock(lock_path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunFolderBusy(
+            f"run folder {d} is in use by {_describe(read_owner(d))} (lock {lock_path}); "
+            "wait for that run to end, or set ORPO_RUN_LOCK_TIMEOUT_S to wait for it"
+        ) from None
+    except OSError:
+        return  # not readable/writable here: run_folder_lock reports it with the path
+    lock.release()
+
+
 @contextlib.contextmanager
 def run_folder_lock(run_dir: str | Path, flow_run_id: str | None = None, timeout_s: float | None = None) -> Iterator[dict[str, Any] | None]:
     """Hold the run folder for the duration of the block.

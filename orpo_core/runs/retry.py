@@ -1,10 +1,12 @@
 """Which errors are worth a retry.
 
-A retry helps only when the failure can pass: network errors (connection, timeout), HTTP 429 /
-5xx (:func:`orpo_core.publish.hub.is_transient_error`) and CUDA out-of-memory (another process
-may free the memory). Everything else is permanent: a bad recipe or data (``RecipeError``,
-``DataError``), missing files, permission errors, a full disk, programming errors — a retry
-would fail the same way, so the stage fails at once.
+A retry helps only when the failure can pass: network errors (DNS, connection refused / reset,
+timeout), HTTP 429 / 5xx (:func:`orpo_core.publish.hub.is_transient_error`) and CUDA
+out-of-memory (another process may free the memory). Everything else is permanent: a bad recipe
+or data (``RecipeError``, ``DataError``), missing files, permission errors, a full disk,
+programming errors, and the Hub's permanent errors (:func:`orpo_core.publish.hub.is_permanent_error`:
+offline mode, authentication, not found) -- a retry would fail the same way, so the stage fails
+at once.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ def is_cuda_oom(exc: BaseException) -> bool:
 
 def is_transient(exc: BaseException | None) -> bool:
     """Whether a retry may help, looking at ``exc`` and its causes (see the module docstring)."""
-    from orpo_core.publish.hub import is_transient_error
+    from orpo_core.publish.hub import is_permanent_error, is_transient_error
 
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, (PermissionError, FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError, TypeError, KeyError)):
+            return False
+        if is_permanent_error(exc):
             return False
         if is_cuda_oom(exc) or is_transient_error(exc):
             return True
