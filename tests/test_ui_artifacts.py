@@ -209,3 +209,37 @@ def test_model_card_final_metrics_and_embedded_curves():
     card = "# m\n\ntext\n\n![training curves](training_curves.png)\n"
     assert "*training curves: `training_curves.png` in the model folder*" in card_for_ui(card)
     assert "![training curves](data:image/png;base64,AAAA)" in card_for_ui(card, {"training_curves.png": "data:image/png;base64,AAAA"})
+
+
+@pytest.mark.prefect
+def test_progress_of_a_crashed_run_is_marked_at_next_start(prefect_harness):
+    from prefect import flow
+    from prefect.artifacts import create_progress_artifact
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    from flows.runs import mark_unfinished_progress
+
+    desc = "Training progress of t\n\n| | |\n|---|---|\n| step | 5 / 178 |"
+
+    @flow
+    def training(key: str) -> str:
+        return str(create_progress_artifact(progress=2.8, key=key, description=desc))
+
+    @flow
+    def next_run(key: str) -> list[str]:
+        return mark_unfinished_progress(key)
+
+    crashed = training("uitest-crashed-progress", return_state=True)
+    finished = training("uitest-finished-progress", return_state=True)
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(crashed.state_details.flow_run_id, Crashed(message="killed"), force=True)
+    assert next_run("uitest-crashed-progress") == [crashed.result()]
+    assert next_run("uitest-finished-progress") == []  # its flow run completed: left alone
+    assert next_run("uitest-crashed-progress") == []  # marked once
+    with get_client(sync_client=True) as client:
+        marked = client.read_artifacts()
+    by_id = {str(a.id): a for a in marked}
+    assert by_id[crashed.result()].description.startswith("**CRASHED at step 5 / 178**: flow run ")
+    assert by_id[crashed.result()].description.endswith(desc) and float(by_id[crashed.result()].data) == 2.8
+    assert by_id[finished.result()].description == desc
