@@ -47,7 +47,7 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.runs import eval_metrics, flow_run_namer, load, run_folder, run_stage, tag_flow_run
+from flows.runs import eval_metrics, flow_run_namer, load, mark_unfinished_progress, run_folder, run_stage, tag_flow_run
 from tasks import evaluate_task, prepare_task, tokenize_task, train_task
 from orpo_core.stages import fields_hash
 from orpo_core.io import atomic_write, atomic_write_text, fmt_value, json_safe
@@ -276,6 +276,8 @@ def ablation_sweep(
                 run_stage(tokenize_task, states, f"tokenize:{p['tok_dir']}", recipe=d, data_dir=str(p["data_dir"]), out_dir=str(p["tok_dir"]))
                 done.add(p["tok_dir"])
 
+        for p in plan:  # a point whose training died in an earlier sweep: mark its progress artifact
+            mark_unfinished_progress(artifact_key(p["recipe"]["run_name"], "training-progress"))
         # train (parallel up to max_workers), then evaluate each trained point
         grid_touches_eval = any(k.split(".")[0] in ("model", "eval") for k in grid)
         def for_point(task_obj, stage: str, p: dict[str, Any]):
