@@ -87,7 +87,7 @@ def fmt_with_ci(value: float | None, ci: Sequence[float] | None = None, signed: 
     if value is None:
         return "–"
     v = fmt_value(float(value))
-    if signed and not v.startswith("-"):
+    if signed and not v.startswith("-") and float(value) != 0:
         v = "+" + v
     return f"{v} {fmt_ci(ci)}".rstrip()
 
