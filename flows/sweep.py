@@ -418,7 +418,8 @@ def sweep_table(rows: list[dict[str, Any]], gate: str, grid_keys: list[str], bas
     """The sweep's one table (markdown): a row for the base model, then one per point: the grid
     values, the gate metric with its 95 % interval, its change vs base with interval (paired
     where the point scored the base model, else marked ``≈`` and unpaired), the other report
-    metrics, final train / eval loss, status. Headers are short (``acc``, ``ppl``)."""
+    metrics, final train / eval loss, and a status column only when some point did not finish.
+    Headers are short (``acc``, ``ppl``) so that the table fits a 1600 px page."""
     from tasks.ui import fmt_with_ci
 
     metrics = [m for m in dict.fromkeys([gate, *REPORT_METRICS])]
@@ -426,13 +427,14 @@ def sweep_table(rows: list[dict[str, Any]], gate: str, grid_keys: list[str], bas
     names = [k.split(".")[-1] for k in grid_keys]
     if len(set(names)) != len(names):
         names = list(grid_keys)
+    with_status = any(r.get("status") != "ok" for r in rows)  # the column only when a point did not finish
     head = ["point", *names, f"{_short(gate)} [95 % CI]", f"Δ {_short(gate)} vs base", *(_short(m) for m in others),
-            "train loss", "eval loss", *(extra_columns or []), "status"]
+            "train loss", "eval loss", *(extra_columns or []), *(["status"] if with_status else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if base:
         cells = ["base model", *("–" for _ in names), fmt_with_ci(base.get(gate), base.get(f"{gate} ci")), "–",
-                 *(fmt_with_ci(base.get(m), base.get(f"{m} ci")) for m in others), "–", "–", *("–" for _ in extra_columns or []),
-                 f"scored with {base_point}" if base_point else "–"]
+                 *(fmt_value(base.get(m)) for m in others), "–", "–", *("–" for _ in extra_columns or []),
+                 *([f"scored with {base_point}" if base_point else "–"] if with_status else [])]
         lines.append("| " + " | ".join(cells) + " |")
     for r in rows:
         change, cci, paired = change_vs_base(r, gate, base)
@@ -442,7 +444,8 @@ def sweep_table(rows: list[dict[str, Any]], gate: str, grid_keys: list[str], bas
         cells = [r.get("label") or r["point"], *(fmt_value(r.get(k)) if not isinstance(r.get(k), str) else r[k] for k in grid_keys),
                  fmt_with_ci(r.get(gate), r.get(f"{gate} ci")), ch,
                  *(fmt_value(r.get(m)) for m in others), fmt_value(r.get("train_loss")), fmt_value(r.get("eval_loss")),
-                 *(str(r.get(c) or "–") for c in extra_columns or []), str(r.get("status") or "–").replace("|", "\\|")]
+                 *(str(r.get(c) or "–") for c in extra_columns or []),
+                 *([str(r.get("status") or "–").replace("|", "\\|")] if with_status else [])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -177,10 +177,13 @@ def test_sweep_best_only_when_separated_and_base_row():
     assert not paired and ch == pytest.approx(0.0872) and ci[1] - ci[0] == pytest.approx(2 * (0.05**2 + 0.055**2) ** 0.5)
     md = sweep_table(rows, "preference/accuracy", ["orpo.beta"], base, "b0.05")
     head, _, base_line, first, second = md.strip().splitlines()
-    assert head.startswith("| point | beta | acc [95 % CI] | Δ acc vs base | margin | ppl | train loss | eval loss | status |")
+    assert head == "| point | beta | acc [95 % CI] | Δ acc vs base | margin | ppl | train loss | eval loss |"  # all ok: no status
     assert base_line.startswith("| base model | – | 0.7153 [0.66, 0.77] | – |")
     assert first.startswith("| beta=0.05 | 0.05 | 0.8153 [0.75, 0.87] | +0.1 [0.05, 0.15] |")
     assert second.startswith("| beta=0.1 | 0.1 | 0.8025 [0.6, 0.7] | ≈ +0.0872 [")
+    rows[1]["status"] = "train failed: boom | x"
+    md = sweep_table(rows, "preference/accuracy", ["orpo.beta"], base, "b0.05")
+    assert md.splitlines()[0].endswith("| eval loss | status |") and md.strip().endswith("| train failed: boom \\| x |")
     assert point_label({"orpo.beta": 0.05}) == "beta=0.05"
     assert point_label({"orpo.alpha": 0.5, "orpo.beta": 0.05}) == "alpha=0.5, beta=0.05"
     assert point_label({"orpo.beta": 0.1, "x.beta": 1}) == "orpo.beta=0.1, x.beta=1"
