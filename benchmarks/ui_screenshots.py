@@ -41,7 +41,7 @@ def shoot(chromium: str, url: str, path: Path, height: int = 1800) -> None:
     """A full-window PNG of ``url`` after the page's scripts settled (virtual time budget)."""
     subprocess.run(
         [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size=1600,{height}",
-         "--virtual-time-budget=25000", f"--screenshot={path}", url],
+         "--virtual-time-budget=60000", f"--screenshot={path}", url],
         check=False, capture_output=True, timeout=180,
     )
     print(f"{path}: {'ok' if path.is_file() else 'MISSING'} <- {url}", flush=True)

@@ -149,7 +149,7 @@ def push_task(
         card = (folder / "README.md").read_text(encoding="utf-8")
         from .ui import png_data_uri
 
-        curves = png_data_uri(folder / "training_curves.png")
+        curves = png_data_uri(folder / "training_curves.png", max_width_px=700)  # the card is long already: a lighter image
         images = {"training_curves.png": curves} if curves else None
         markdown_artifact(card_for_ui(card, images), artifact_key(r.run_name, "model-card"), f"Model card of {r.run_name} ({folder / 'README.md'})")
         files = sorted(p.name for p in folder.iterdir())

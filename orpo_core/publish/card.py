@@ -120,7 +120,7 @@ def hyperparameter_rows(recipe: Recipe) -> list[tuple[str, str]]:
     """(name, value) rows of the hyper-parameters that define the run."""
     t, o, p, d = recipe.train, recipe.orpo, recipe.peft, recipe.data
     rows = [
-        ("objective", "ORPO: L = alpha * L_SFT + beta * L_OR (Hong et al. 2024, eq. 6)"),
+        ("objective", "ORPO: L = alpha · L_SFT + beta · L_OR (Hong et al. 2024, eq. 6)"),
         ("orpo.beta (paper's lambda)", str(o.beta)),
         ("orpo.alpha (NLL weight)", str(o.alpha)),
         ("NLL on prompt tokens", str(o.nll_on_prompt)),
