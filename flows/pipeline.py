@@ -25,7 +25,17 @@ from prefect import flow
 
 from orpo_core.io import json_safe
 
-from flows.runs import eval_metrics, load, run_folder, run_stage, write_published_record
+from flows.runs import (
+    eval_metrics,
+    flow_run_namer,
+    load,
+    mark_unfinished_progress,
+    publish_run_summary,
+    run_folder,
+    run_stage,
+    tag_flow_run,
+    write_published_record,
+)
 from tasks import evaluate_task, prepare_task, push_task, tokenize_task, train_task
 from tasks.logs import run_logger
 
@@ -47,7 +57,7 @@ def _remote_data_prep(recipe: str, overrides: list[str] | None) -> str | None:
 
 
 # --------------------------------------------------------------------------- flows
-@flow(name="orpo-data", description="Data stages only (prepare + tokenize), for a CPU work pool.")
+@flow(name="orpo-data", flow_run_name=flow_run_namer("data"), description="Data stages only (prepare + tokenize), for a CPU work pool.")
 def data_flow(recipe: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run prepare and tokenize (tokenize only when the recipe names a model).
 
@@ -62,6 +72,7 @@ def data_flow(recipe: str, overrides: list[str] | None = None) -> dict[str, Any]
     d = r.to_dict()
     out = r.out_dir
     states: dict[str, str] = {}
+    tag_flow_run(f"recipe={r.run_name}", "flow=data")
     with run_folder(out):
         prep = run_stage(prepare_task, states, "prepare", recipe=d, out_dir=str(out / "data"))
         paths = {"data": prep["path"]}
@@ -71,7 +82,7 @@ def data_flow(recipe: str, overrides: list[str] | None = None) -> dict[str, Any]
     return {"run_name": r.run_name, "out_dir": str(out), "stages": states, "paths": paths}
 
 
-@flow(name="orpo-pipeline", description="prepare -> tokenize -> train (ORPO) -> evaluate -> push")
+@flow(name="orpo-pipeline", flow_run_name=flow_run_namer(), description="prepare -> tokenize -> train (ORPO) -> evaluate -> push")
 def orpo_pipeline(recipe: str, overrides: list[str] | None = None, push: bool | None = None) -> dict[str, Any]:
     """Run the whole pipeline for one recipe.
 
@@ -84,7 +95,11 @@ def orpo_pipeline(recipe: str, overrides: list[str] | None = None, push: bool | 
     Returns:
         ``{"run_name", "out_dir", "stages": {stage: "Completed"|"Cached"}, "paths": {...},
         "metrics": {key metrics of the trained model}, "gate": {"metric", "value"},
-        "train_metrics", "push": {...}}``.
+        "train_metrics", "push": {...}}``. The flow run is named ``<run_name>-<UTC time>`` and
+        tagged ``recipe=<run_name>``, ``flow=pipeline`` (task runs: ``stage=<stage>``); it ends
+        with the ``<run>-summary`` markdown artifact (stage states with links to the flow runs
+        that produced cached stages, output folder, base / trained / change with 95 % intervals,
+        loss curves), cached or not.
 
     Raises:
         orpo_core.config.RecipeError: invalid recipe; any stage's error after its retries.
@@ -95,6 +110,7 @@ def orpo_pipeline(recipe: str, overrides: list[str] | None = None, push: bool | 
     out = r.out_dir
     log = run_logger()
     log.info("run %s -> %s", r.run_name, out)
+    tag_flow_run(f"recipe={r.run_name}", "flow=pipeline")
     states: dict[str, str] = {}
     remote = _remote_data_prep(recipe, overrides)
     if remote:
@@ -110,10 +126,14 @@ def _pipeline_stages(r, d: dict[str, Any], out: Path, states: dict[str, str], pu
         from orpo_core.data.context_length import check_max_length
 
         check_max_length(r)  # data.max_length vs the model's context length, before any stage writes
+    from tasks.artifacts import artifact_key
+
+    mark_unfinished_progress(artifact_key(r.run_name, "training-progress"))
     prep = run_stage(prepare_task, states, "prepare", recipe=d, out_dir=str(out / "data"))
     result: dict[str, Any] = {"run_name": r.run_name, "out_dir": str(out), "stages": states, "paths": {"data": prep["path"]}}
     if r.model is None:
         log.info("data-only recipe (no model section): stopping after prepare")
+        publish_run_summary(r, out, states, {"prepare": prep}, None, None)
         return result
     tok = run_stage(tokenize_task, states, "tokenize", recipe=d, data_dir=prep["path"], out_dir=str(out / "tokenized"))
     tr = run_stage(train_task, states, "train", recipe=d, tokenized_dir=tok["path"], out_dir=str(out / "train"))
@@ -139,6 +159,8 @@ def _pipeline_stages(r, d: dict[str, Any], out: Path, states: dict[str, str], pu
     )
     if pu.get("pushed"):
         write_published_record(out, r, ev["eval_json"], pu)
+    results = {"prepare": prep, "tokenize": tok, "train": tr, "evaluate": ev, "push": pu}
+    publish_run_summary(r, out, states, results, ev["eval_json"], tr.get("metrics"))
     metrics = eval_metrics(ev["eval_json"])
     result["paths"].update(
         tokenized=tok["path"], train=tr["path"], model=tr["model_dir"], eval=ev["path"], eval_json=ev["eval_json"], hub=pu["folder"]
@@ -152,7 +174,7 @@ def _pipeline_stages(r, d: dict[str, Any], out: Path, states: dict[str, str], pu
     return json_safe(result)
 
 
-@flow(name="orpo-push", description="Build the Hub folder of a trained run and upload it (or dry run).")
+@flow(name="orpo-push", flow_run_name=flow_run_namer("push"), description="Build the Hub folder of a trained run and upload it (or dry run).")
 def push_flow(recipe: str, overrides: list[str] | None = None, dry_run: bool | None = None) -> dict[str, Any]:
     """Publish ``<run>/train/model`` with its model card (metrics from ``<run>/eval/eval.json`` when present).
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.runs import PUBLISHED_RECORD, eval_metrics, load, run_folder, run_stage, write_published_record
+from flows.runs import PUBLISHED_RECORD, eval_metrics, flow_run_namer, load, run_folder, run_stage, tag_flow_run, write_published_record
 from tasks import evaluate_task, last_published_task, prepare_task, push_task, tokenize_task, train_task
 from orpo_core.io import atomic_write_json, fmt_value, json_safe
 from tasks.artifacts import artifact_key, markdown_artifact
@@ -103,7 +103,7 @@ def decision_markdown(decision: dict[str, Any]) -> str:
     return f"# Retraining decision: {decision['action']}\n\n| | |\n|---|---|\n{body}\n"
 
 
-@flow(name="orpo-retrain", description="Retrain when the data changed; publish only if the gate metric improves.")
+@flow(name="orpo-retrain", flow_run_name=flow_run_namer("retrain"), description="Retrain when the data changed; publish only if the gate metric improves.")
 def retrain(recipe: str, overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Retrain on new data and publish when better than the last published model (module docstring).
 
@@ -122,6 +122,7 @@ def retrain(recipe: str, overrides: list[str] | None = None, force: bool = False
     r = load(recipe, overrides)
     r.require_model()
     out = r.out_dir
+    tag_flow_run(f"recipe={r.run_name}", "flow=retrain")
     with run_folder(out):
         return _retrain(r, out, force)
 

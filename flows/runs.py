@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,9 +26,13 @@ def load(recipe: str, overrides: list[str] | None):
 def run_stage(task_obj, states: dict[str, str], name: str, **params: Any) -> dict[str, Any]:
     """Call a task, record its final state's name (``Completed`` / ``Cached``) and return its result.
 
+    The task run is tagged ``stage=<stage>`` (the part of ``name`` before a ``:``).
     Raises the task's exception when it failed (after its retries).
     """
-    state = task_obj(**params, return_state=True)
+    from prefect import tags
+
+    with tags(f"stage={name.split(':')[0]}"):
+        state = task_obj(**params, return_state=True)
     states[name] = state.name
     return state.result()
 
@@ -58,6 +63,110 @@ def write_published_record(out_dir: str | Path, recipe, eval_json: str | None, p
         "published_at": datetime.now(timezone.utc).isoformat(),
     }
     return atomic_write_json(path, record)
+
+
+# --------------------------------------------------------------------------- finding runs
+def _timestamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def recipe_run_name(recipe: Any, overrides: Any = None) -> str:
+    """The recipe's ``run_name`` (with ``overrides`` applied), or the recipe file's stem when it
+    does not load (the flow itself then reports the error)."""
+    try:
+        return load(str(recipe), list(overrides or [])).run_name
+    except Exception:  # noqa: BLE001 - a name must not fail the run; the flow raises the real error
+        return Path(str(recipe)).stem or "orpo"
+
+
+def flow_run_namer(kind: str = ""):
+    """A ``flow_run_name=`` callable: ``<run_name>[-<kind>]-<UTC yyyymmdd-hhmmss>`` from the flow
+    run's ``recipe`` / ``overrides`` parameters (e.g. ``quickstart-20261205-131500``,
+    ``quickstart-sweep-20261205-131500``)."""
+
+    def name() -> str:
+        from prefect.runtime import flow_run
+
+        params = flow_run.parameters or {}
+        base = recipe_run_name(params.get("recipe", "orpo"), params.get("overrides"))
+        return "-".join(x for x in (base, kind, _timestamp()) if x)
+
+    name.__name__ = f"flow_run_name_{kind or 'run'}"
+    return name
+
+
+def tag_flow_run(*new_tags: str) -> list[str]:
+    """Add ``new_tags`` to the running flow run's tags (API update; the UI filters on them).
+
+    Returns the flow run's tags after the update (empty outside a flow run). Failures only warn.
+    """
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return []
+    tags = list(dict.fromkeys([*(ctx.flow_run.tags or []), *new_tags]))
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(ctx.flow_run.id, tags=tags)
+        ctx.flow_run.tags = tags
+    except Exception as e:  # noqa: BLE001 - tags help finding runs; they never stop one
+        run_logger().warning("could not tag flow run %s with %s: %s", ctx.flow_run.id, new_tags, e)
+    return tags
+
+
+def flow_run_url(flow_run_id: str) -> str:
+    """The UI address of a flow run: ``PREFECT_UI_URL/runs/flow-run/<id>``, or the path alone
+    (``/runs/flow-run/<id>``, resolved by the UI page the link is shown on) without a UI URL."""
+    try:
+        from prefect.settings import PREFECT_UI_URL
+
+        ui = PREFECT_UI_URL.value()
+    except Exception:  # noqa: BLE001
+        ui = None
+    return f"{(ui or '').rstrip('/')}/runs/flow-run/{flow_run_id}"
+
+
+def stage_lines(states: dict[str, str], results: dict[str, dict[str, Any] | None]):
+    """:class:`tasks.ui.StageLine` per recorded stage: its state and, for a Cached one, the flow
+    run that produced the result (``result["produced_by"]``, written by :func:`tasks.stage.stage_run`)."""
+    from tasks.ui import StageLine
+
+    lines = []
+    for name, state in states.items():
+        prod = (results.get(name) or {}).get("produced_by") or {}
+        fid = prod.get("flow_run_id")
+        lines.append(StageLine(name, state, prod.get("flow_run_name") or fid, flow_run_url(fid) if fid else None))
+    return lines
+
+
+def publish_run_summary(r, out_dir: Path, states: dict[str, str], results: dict[str, Any], eval_json: str | None,
+                        train_metrics: dict[str, Any] | None) -> str:
+    """Create the ``<run>-summary`` markdown artifact (:func:`tasks.ui.run_summary_markdown`) and
+    return its markdown."""
+    from tasks.artifacts import artifact_key, markdown_artifact
+    from tasks.ui import run_summary_markdown
+
+    data = None
+    if eval_json and Path(eval_json).is_file():
+        data = json.loads(Path(eval_json).read_text(encoding="utf-8"))
+    curves = Path(eval_json).parent / "curves.png" if eval_json else None
+    md = run_summary_markdown(
+        r.run_name,
+        out_dir,
+        stage_lines(states, results),
+        data,
+        gate_metric=r.eval.gate_metric,
+        gate_mode=r.eval.gate_mode,
+        train_metrics=train_metrics,
+        curves=curves if curves is not None and curves.is_file() else None,
+    )
+    cached = sum(1 for s in states.values() if s == "Cached")
+    markdown_artifact(md, artifact_key(r.run_name, "summary"),
+                      f"Run summary of {r.run_name}: {len(states)} stages, {cached} cached; results with 95 % intervals")
+    return md
 
 
 def _current_flow_run_id() -> str | None:
@@ -98,7 +207,88 @@ def mark_abandoned_run_crashed(previous: dict[str, Any] | None) -> str | None:
                 client.set_task_run_state(tr.id, Crashed(message=message), force=True)
         client.set_flow_run_state(fr.id, Crashed(message=message), force=True)
     log.warning("flow run %s (%s) was abandoned: marked Crashed", fr.name, fid)
+    mark_unfinished_progress(flow_run_ids=[str(fid)])
     return str(fid)
+
+
+# --------------------------------------------------------------------------- abandoned progress
+_STEP_RE = re.compile(r"\|\s*step\s*\|\s*(\d+)(?:\s*/\s*(\d+))?\s*\|")
+_MARK_RE = re.compile(r"\A\*\*[A-Z]+ at ")
+
+
+def abandoned_progress_description(description: str | None, state_name: str, progress: float | None = None,
+                                   flow_run_name: str | None = None) -> str:
+    """The description of a training-progress artifact whose flow run ended (``state_name``:
+    Crashed, Cancelled, Failed) before training finished: prefixed with
+    ``**CRASHED at step N / M**`` (the step read from the progress table, else the percentage).
+    A description that already carries such a mark is returned unchanged."""
+    text = description or ""
+    if _MARK_RE.match(text):
+        return text
+    m = _STEP_RE.search(text)
+    if m:
+        where = f"step {m.group(1)} / {m.group(2)}" if m.group(2) else f"step {m.group(1)}"
+    else:
+        where = f"{progress:.0f} %" if progress is not None else "an unknown step"
+    who = f"flow run {flow_run_name}" if flow_run_name else "its flow run"
+    return f"**{state_name.upper()} at {where}**: {who} ended {state_name} before training finished.\n\n{text}"
+
+
+def mark_unfinished_progress(key: str | None = None, flow_run_ids: list[str] | None = None) -> list[str]:
+    """Mark training-progress artifacts whose flow run ended unfinished (Crashed, Cancelled,
+    Failed) below 100 %: their description gets :func:`abandoned_progress_description`'s prefix.
+
+    Looks at the latest progress artifact with ``key`` and/or every progress artifact of
+    ``flow_run_ids``. An artifact of a flow run still running, or completed, is left alone.
+    Called at a run's start (a killed run cannot update its own artifact). Returns the ids of
+    the artifacts marked; API errors only warn (outside a Prefect run: nothing to do).
+    """
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return []
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactUpdate
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, ArtifactFilterType
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    marked: list[str] = []
+    try:
+        with get_client(sync_client=True) as client:
+            found = []
+            if key:
+                found += client.read_artifacts(
+                    artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]), type=ArtifactFilterType(any_=["progress"])),
+                    sort=ArtifactSort.CREATED_DESC,
+                    limit=1,
+                )
+            if flow_run_ids:
+                found += client.read_artifacts(
+                    artifact_filter=ArtifactFilter(
+                        flow_run_id=ArtifactFilterFlowRunId(any_=list(flow_run_ids)), type=ArtifactFilterType(any_=["progress"])
+                    )
+                )
+            current = _current_flow_run_id()
+            for art in {a.id: a for a in found}.values():
+                if art.flow_run_id is None or str(art.flow_run_id) == current or _MARK_RE.match(art.description or ""):
+                    continue
+                try:
+                    progress = float(art.data)
+                except (TypeError, ValueError):
+                    progress = None
+                if progress is not None and progress >= 100.0:
+                    continue
+                fr = client.read_flow_run(art.flow_run_id)
+                state = fr.state
+                if state is None or not state.is_final() or state.is_completed():
+                    continue
+                desc = abandoned_progress_description(art.description, state.name, progress, fr.name)
+                client.update_artifact(art.id, ArtifactUpdate(description=desc))
+                marked.append(str(art.id))
+                run_logger().warning("training progress %s of flow run %s marked %s", art.key, fr.name, state.name)
+    except Exception as e:  # noqa: BLE001 - bookkeeping must not stop the rerun
+        run_logger().warning("could not check the training-progress artifacts (%s): %s", key or flow_run_ids, e)
+    return marked
 
 
 @contextlib.contextmanager

@@ -50,11 +50,11 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.runs import eval_metrics, load, run_folder, run_stage
+from flows.runs import eval_metrics, flow_run_namer, load, mark_unfinished_progress, run_folder, run_stage, tag_flow_run
 from tasks import evaluate_task, prepare_task, tokenize_task, train_task
 from orpo_core.stages import fields_hash
-from orpo_core.io import atomic_write, atomic_write_text, json_safe
-from tasks.artifacts import artifact_key, markdown_artifact, table_artifact
+from orpo_core.io import atomic_write, atomic_write_text, fmt_value, json_safe
+from tasks.artifacts import artifact_key, markdown_artifact
 from tasks.logs import run_logger
 
 SWEEP_DIR = "sweep"
@@ -127,6 +127,20 @@ def _fmt_value(v: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+_-]+", "_", s)
 
 
+def point_label(point: dict[str, Any]) -> str:
+    """The readable name of a grid point for tags, task-run names and descriptions:
+    ``beta=0.05`` / ``alpha=0.5, beta=0.05`` (the last component of each key; the whole key
+    where last components collide)."""
+    last = [k.split(".")[-1] for k in point]
+    names = last if len(set(last)) == len(last) else list(point)
+    return ", ".join(f"{n}={_fmt_value(v)}" for n, v in zip(names, point.values(), strict=True))
+
+
+def point_tags(point: dict[str, Any]) -> list[str]:
+    """One tag per grid value, e.g. ``["alpha=0.5", "beta=0.05"]`` (see :func:`point_label`)."""
+    return point_label(point).split(", ")
+
+
 def point_suffix(point: dict[str, Any], abbr: dict[str, str]) -> str:
     """Folder / run-name suffix of a grid point, e.g. ``a0.5-b0.05``."""
     return "-".join(f"{abbr[k]}{_fmt_value(v)}" for k, v in point.items())
@@ -137,24 +151,13 @@ def _data_keys(d: dict[str, Any]) -> tuple[str, str]:
 
 
 # --------------------------------------------------------------------------- report
-def _md_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "–" if v is None else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _ci(eval_json: str | None, metric: str) -> tuple[float, float] | None:
+def _ci(eval_json: str | None, metric: str, which: str = "trained") -> tuple[float, float] | None:
     from orpo_core.evaluation.results import extract_metrics, pick_label
 
     if not eval_json or not Path(eval_json).is_file():
         return None
     m = extract_metrics(json.loads(Path(eval_json).read_text(encoding="utf-8")))
-    label = pick_label(m, "trained")
+    label = pick_label(m, which)
     mv = m.get(label, {}).get(metric) if label else None
     return mv.ci if mv is not None else None
 
@@ -194,7 +197,8 @@ def plot_sweep(rows: list[dict[str, Any]], metrics: list[str], path: Path, base:
 
 
 # --------------------------------------------------------------------------- flow
-@flow(name="orpo-ablation-sweep", task_runner=SweepTaskRunner(), description="Train + evaluate every grid point.")
+@flow(name="orpo-ablation-sweep", flow_run_name=flow_run_namer("sweep"), task_runner=SweepTaskRunner(),
+      description="Train + evaluate every grid point.")
 def ablation_sweep(
     recipe: str,
     grid: dict[str, list],
@@ -247,9 +251,10 @@ def ablation_sweep(
         shared_tok = data_dir == base_out / "data" and tok_key == base_keys[1]
         tok_dir = base_out / "tokenized" if shared_tok else pt_out / "tokenized"
         plan.append({"point": pt, "suffix": suffix, "recipe": d, "out": pt_out, "data_dir": data_dir, "tok_dir": tok_dir,
-                     "overrides": pt_over})
+                     "overrides": pt_over, "label": point_label(pt), "tags": point_tags(pt)})
     if len({p["suffix"] for p in plan}) != len(plan):
         raise ValueError(f"grid points do not have distinct folder names: {[p['suffix'] for p in plan]}")
+    tag_flow_run(f"recipe={base.run_name}", "flow=sweep", *dict.fromkeys(t for p in plan for t in p["tags"]))
     shares_run_data = not fan_out and any(
         p["data_dir"] == base_out / "data" or p["tok_dir"] == base_out / "tokenized" for p in plan
     )
@@ -283,16 +288,24 @@ def ablation_sweep(
                 run_stage(tokenize_task, states, f"tokenize:{p['tok_dir']}", recipe=d, data_dir=str(p["data_dir"]), out_dir=str(p["tok_dir"]))
                 done.add(p["tok_dir"])
 
+        for p in plan:  # a point whose training died in an earlier sweep: mark its progress artifact
+            mark_unfinished_progress(artifact_key(p["recipe"]["run_name"], "training-progress"))
         # train (parallel up to max_workers), then evaluate each trained point
         grid_touches_eval = any(k.split(".")[0] in ("model", "eval") for k in grid)
+        def for_point(task_obj, stage: str, p: dict[str, Any]):
+            # task runs named and tagged by their point: "train beta=0.05", tags stage=train, beta=0.05
+            return task_obj.with_options(task_run_name=f"{stage} {p['label']}",
+                                         tags={f"recipe={base.run_name}", f"stage={stage}", *p["tags"]})
+
         train_futs = [
-            train_task.submit(recipe=p["recipe"], tokenized_dir=str(p["tok_dir"]), out_dir=str(p["out"] / "train")) for p in plan
+            for_point(train_task, "train", p).submit(recipe=p["recipe"], tokenized_dir=str(p["tok_dir"]), out_dir=str(p["out"] / "train"))
+            for p in plan
         ]
         eval_futs: list[Any] = [None] * len(plan)
         for i, (p, fut) in enumerate(zip(plan, train_futs, strict=True)):
             fut.wait()
             if fut.state.is_completed():
-                eval_futs[i] = evaluate_task.submit(
+                eval_futs[i] = for_point(evaluate_task, "evaluate", p).submit(
                     recipe=p["recipe"],
                     model_dir=str(p["out"] / "train" / "model"),
                     tokenized_dir=str(p["tok_dir"]),
@@ -305,7 +318,7 @@ def ablation_sweep(
         base_metrics: dict[str, float] | None = None
         base_point: str | None = None
         for i, p in enumerate(plan):
-            row: dict[str, Any] = {"point": p["suffix"], **p["point"]}
+            row: dict[str, Any] = {"point": p["suffix"], "label": p["label"], **p["point"]}
             tstate = train_futs[i].state
             row["train"] = tstate.name
             if not tstate.is_completed():
@@ -338,10 +351,115 @@ def ablation_sweep(
 
 
 def _add_eval_metrics(row: dict[str, Any], eval_json: str, gate: str) -> None:
+    """Each report metric's value and 95 % CI, and for the gate metric the paired change vs the
+    base model (``<gate> change`` / ``<gate> change ci``) when this point's evaluation scored it."""
+    from tasks.ui import compare
+
     m = eval_metrics(eval_json)
-    for k in dict.fromkeys([gate, *("preference/accuracy", "preference/margin", "perplexity/chosen")]):
+    for k in dict.fromkeys([gate, *REPORT_METRICS]):
         row[k] = m.get(k)
         row[f"{k} ci"] = _ci(eval_json, k)
+    data = json.loads(Path(eval_json).read_text(encoding="utf-8"))
+    c = next(iter(compare(data, [gate])), None)
+    if c is not None and c.base is not None and c.change is not None:
+        row[f"{gate} change"], row[f"{gate} change ci"] = c.change, c.change_ci
+
+
+REPORT_METRICS = ("preference/accuracy", "preference/margin", "perplexity/chosen")
+#: short column headers of the sweep table (the full metric names are in the notes under it)
+SHORT = {"preference/accuracy": "acc", "preference/margin": "margin", "perplexity/chosen": "ppl",
+         "preference/log_odds": "log-odds", "ifeval/prompt_level_strict_acc": "ifeval prompt",
+         "ifeval/inst_level_strict_acc": "ifeval inst", "train_loss": "train loss", "eval_loss": "eval loss"}
+
+
+def _short(metric: str) -> str:
+    return SHORT.get(metric, metric.split("/")[-1])
+
+
+def change_vs_base(row: dict[str, Any], gate: str, base: dict[str, Any] | None) -> tuple[float | None, tuple[float, float] | None, bool]:
+    """``(change, 95 % CI, paired)`` of the gate metric of a sweep row against the base model.
+
+    Paired when the point's own evaluation scored the base model (``eval.json`` paired bootstrap);
+    otherwise the difference of the two values with an unpaired interval whose half-widths add
+    in quadrature (sqrt(w_point² + w_base²)): wider than the paired one on the same pairs, so
+    conservative. None when the base value or the point's value is missing.
+    """
+    if isinstance(row.get(f"{gate} change"), (int, float)):
+        return float(row[f"{gate} change"]), row.get(f"{gate} change ci"), True
+    v = row.get(gate)
+    if not base or not isinstance(v, (int, float)) or not isinstance(base.get(gate), (int, float)):
+        return None, None, False
+    change = float(v) - float(base[gate])
+    ci, bci = row.get(f"{gate} ci"), base.get(f"{gate} ci")
+    if not ci or not bci:
+        return change, None, False
+    w = math.hypot((ci[1] - ci[0]) / 2, (bci[1] - bci[0]) / 2)
+    return change, (change - w, change + w), False
+
+
+def distinguishable_best(rows: list[dict[str, Any]], metric: str, mode: str) -> tuple[str | None, str]:
+    """The point whose 95 % interval of ``metric`` lies entirely above (``mode="max"``) or below
+    (``"min"``) every other point's interval, with a sentence for the report.
+
+    Returns ``(point, sentence)``; ``point`` is None when no point separates (overlapping
+    intervals, intervals missing, or fewer than two points), and the sentence says so.
+    """
+    ok = [r for r in rows if isinstance(r.get(metric), (int, float))]
+    if not ok:
+        return None, f"no point reported `{metric}`."
+    pick = max if mode == "max" else min
+    top = pick(ok, key=lambda r: r[metric])
+    if len(ok) == 1:
+        return top["point"], f"**{top.get('label', top['point'])}** is the only point with `{metric}`."
+    if any(not r.get(f"{metric} ci") for r in ok):
+        return None, (f"`{metric}` is highest" if mode == "max" else f"`{metric}` is lowest") + (
+            f" for {top.get('label', top['point'])}, but without intervals no point is distinguishable from the others.")
+    lo, hi = top[f"{metric} ci"]
+    others = [r for r in ok if r is not top]
+    separated = all((lo > r[f"{metric} ci"][1]) if mode == "max" else (hi < r[f"{metric} ci"][0]) for r in others)
+    if separated:
+        return top["point"], f"best point: **{top.get('label', top['point'])}** (its 95 % interval of `{metric}` is clear of every other point's)."
+    return None, (f"no point is distinguishable from the others on `{metric}`: the 95 % intervals overlap "
+                  f"(highest value: {top.get('label', top['point'])}, {fmt_value(top[metric])})." if mode == "max" else
+                  f"no point is distinguishable from the others on `{metric}`: the 95 % intervals overlap "
+                  f"(lowest value: {top.get('label', top['point'])}, {fmt_value(top[metric])}).")
+
+
+def sweep_table(rows: list[dict[str, Any]], gate: str, grid_keys: list[str], base: dict[str, Any] | None,
+                base_point: str | None, extra_columns: list[str] | None = None) -> str:
+    """The sweep's one table (markdown): a row for the base model, then one per point: the grid
+    values, the gate metric with its 95 % interval, its change vs base with interval (paired
+    where the point scored the base model, else marked ``≈`` and unpaired), the other report
+    metrics, final train / eval loss, and a status column only when some point did not finish.
+    Headers are short (``acc``, ``ppl``) so that the table fits a 1600 px page."""
+    from tasks.ui import fmt_with_ci
+
+    metrics = [m for m in dict.fromkeys([gate, *REPORT_METRICS])]
+    others = [m for m in metrics if m != gate]
+    names = [k.split(".")[-1] for k in grid_keys]
+    if len(set(names)) != len(names):
+        names = list(grid_keys)
+    with_status = any(r.get("status") != "ok" for r in rows)  # the column only when a point did not finish
+    head = ["point", *names, f"{_short(gate)} [95 % CI]", f"Δ {_short(gate)} vs base", *(_short(m) for m in others),
+            "train loss", "eval loss", *(extra_columns or []), *(["status"] if with_status else [])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if base:
+        cells = ["base model", *("–" for _ in names), fmt_with_ci(base.get(gate), base.get(f"{gate} ci")), "–",
+                 *(fmt_value(base.get(m)) for m in others), "–", "–", *("–" for _ in extra_columns or []),
+                 *([f"scored with {base_point}" if base_point else "–"] if with_status else [])]
+        lines.append("| " + " | ".join(cells) + " |")
+    for r in rows:
+        change, cci, paired = change_vs_base(r, gate, base)
+        ch = fmt_with_ci(change, cci, signed=True)
+        if change is not None and not paired:
+            ch = "≈ " + ch
+        cells = [r.get("label") or r["point"], *(fmt_value(r.get(k)) if not isinstance(r.get(k), str) else r[k] for k in grid_keys),
+                 fmt_with_ci(r.get(gate), r.get(f"{gate} ci")), ch,
+                 *(fmt_value(r.get(m)) for m in others), fmt_value(r.get("train_loss")), fmt_value(r.get("eval_loss")),
+                 *(str(r.get(c) or "–") for c in extra_columns or []),
+                 *([str(r.get("status") or "–").replace("|", "\\|")] if with_status else [])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _report(
@@ -359,25 +477,38 @@ def _report(
     fan_out_deployment: str | None = None,
     n_points: int = 0,
 ) -> dict[str, Any]:
-    """Write sweep.json / sweep.md / sweep.png and the artifacts; raise when points failed."""
+    """Write sweep.json / sweep.md / sweep.png and the ``<run>-sweep`` markdown artifact (the
+    table of :func:`sweep_table`, which point if any is distinguishably best
+    (:func:`distinguishable_best`) and the plot embedded); raise when points failed."""
+    from tasks.ui import image_markdown
+
     log = run_logger()
     gate, mode = base.eval.gate_metric, base.eval.gate_mode
+    best, verdict = distinguishable_best(rows, gate, mode)
     ok = [r for r in rows if isinstance(r.get(gate), (int, float))]
-    best = (max if mode == "max" else min)(ok, key=lambda r: r[gate])["point"] if ok else None
-    metric_cols = list(dict.fromkeys([gate, "preference/accuracy", "preference/margin", "perplexity/chosen"]))
-    columns = ["point", *grid.keys(), *metric_cols, "train_loss", "eval_loss", "train", "evaluate", *(extra_columns or []), "status"]
-    table_rows = [{c: r.get(c) for c in columns} for r in rows]
-    md = (
-        f"# Ablation sweep of {base.run_name}\n\n"
-        f"Grid: `{json.dumps(grid)}`; gate metric `{gate}` ({mode}); best point: **{best}**.\n\n"
-        + _md_table(table_rows, columns)
-        + (f"\nBase model (scored in point {base_point}; its margin uses that point's beta): "
-           + ", ".join(f"`{k}` {v:.4g}" for k, v in base_metrics.items() if k in metric_cols) + "\n"
-           if base_metrics else "")
-        + f"\nPlot: `{sweep_dir / 'sweep.png'}`\n"
-    )
+    best_by_value = (max if mode == "max" else min)(ok, key=lambda r: r[gate])["point"] if ok else None
+    base_row = None
+    if base_metrics:
+        base_json = next((r.get("eval_json") for r in rows if r["point"] == base_point), None)
+        base_row = {**base_metrics, **{f"{m} ci": _ci(base_json, m, which="base") for m in dict.fromkeys([gate, *REPORT_METRICS])}}
+    table = sweep_table(rows, gate, list(grid), base_row, base_point, extra_columns)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     png = plot_sweep(rows, [gate, "preference/accuracy"], sweep_dir / "sweep.png", base_metrics)
+    names = ", ".join(f"{_short(m)} = `{m}`" for m in dict.fromkeys([gate, *REPORT_METRICS]))
+    notes = (
+        f"Gate metric `{gate}` ({'higher' if mode == 'max' else 'lower'} is better); {names}. "
+        "Intervals: 95 % bootstrap. Δ vs base: paired interval for the point whose evaluation scored the base model"
+        + (f" ({base_point})" if base_point else "")
+        + "; ≈: unpaired (half-widths added in quadrature, wider than paired)."
+        + (f" The base model's margin uses {base_point}'s beta." if base_point else "")
+    )
+    md = (
+        f"# Ablation sweep of {base.run_name}\n\n"
+        f"Grid: `{json.dumps(grid)}`; {verdict}\n\n"
+        + table
+        + f"\n{notes}\n"
+    )
+    img = image_markdown(png, "sweep plot")
     summary = json_safe(
         {
             "recipe": recipe,
@@ -386,7 +517,10 @@ def _report(
             "gate_metric": gate,
             "gate_mode": mode,
             "best": best,
+            "best_by_value": best_by_value,
+            "verdict": verdict,
             "base": base_metrics,
+            "base_point": base_point,
             "points": rows,
             "data_stages" if fan_out_deployment is None else "point_runs": states,
             "fan_out": fan_out_deployment,
@@ -394,9 +528,9 @@ def _report(
         }
     )
     atomic_write_text(sweep_dir / "sweep.json", json.dumps(summary, indent=2))
-    atomic_write_text(sweep_dir / "sweep.md", md)
-    table_artifact(table_rows, artifact_key(base.run_name, "sweep"), f"Ablation sweep of {base.run_name} over {list(grid)}")
-    markdown_artifact(md, artifact_key(base.run_name, "sweep-report"), f"Ablation sweep report of {base.run_name}")
+    atomic_write_text(sweep_dir / "sweep.md", md + "\n![sweep plot](sweep.png)\n")
+    markdown_artifact(md + (f"\n{img}\n" if img else "") + f"\nFiles: `{sweep_dir}` (sweep.json, sweep.md, sweep.png)\n",
+                      artifact_key(base.run_name, "sweep"), f"Ablation sweep of {base.run_name} over {', '.join(grid)}")
     log.info("sweep table: %s", sweep_dir / "sweep.md")
     if failed:
         raise RuntimeError(f"{len(failed)} of {n_points} sweep points failed: {', '.join(failed)} (see {sweep_dir / 'sweep.md'})")
@@ -443,7 +577,7 @@ def _fan_out_points(plan: list[dict[str, Any]], recipe: str, deployment: str, ga
         extra = [] if i == 0 or touches_eval else ["eval.compare_base=false"]
         params = {"recipe": recipe, "overrides": p["overrides"] + extra, "push": False}
         fr = run_deployment(name=deployment, parameters=params, timeout=0, flow_run_name=None,
-                            tags=["orpo-sweep-point"], as_subflow=True)
+                            tags=["orpo-sweep-point", *p["tags"]], as_subflow=True)
         log.info("point %s -> flow run %s (%s) of %s", p["suffix"], fr.name, fr.id, deployment)
         runs.append(fr)
 
@@ -472,7 +606,7 @@ def _fan_out_points(plan: list[dict[str, Any]], recipe: str, deployment: str, ga
     for p, fr in zip(plan, runs, strict=True):
         cur = final.get(fr.id, fr)
         state = cur.state
-        row: dict[str, Any] = {"point": p["suffix"], **p["point"], "flow_run": cur.name, "worker": workers.get(fr.id),
+        row: dict[str, Any] = {"point": p["suffix"], "label": p["label"], **p["point"], "flow_run": cur.name, "worker": workers.get(fr.id),
                                "flow_run_state": state.name if state else None}
         metrics_file = p["out"] / "train" / "metrics.json"
         eval_json = p["out"] / "eval" / "eval.json"

@@ -10,31 +10,9 @@ from prefect import task
 
 from orpo_core.runs.cache import log_history_path
 from orpo_core.io import json_safe
-from .artifacts import artifact_key, markdown_artifact, table_artifact
+from .artifacts import artifact_key, markdown_artifact
 from .options import cached_task_options, load_recipe_dict
 from .stage import stage_run
-
-
-def eval_table_rows(eval_data: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows ``{metric, <model label>..., delta}`` of an eval.json for a table artifact."""
-    from orpo_core.evaluation.results import extract_metrics, pick_label
-
-    metrics = extract_metrics(eval_data)
-    trained = pick_label(metrics, "trained")
-    base = pick_label(metrics, "base")
-    if trained is None:
-        return []
-    rows = []
-    for name, m in metrics[trained].items():
-        row: dict[str, Any] = {"metric": name, trained: m.value}
-        if m.ci:
-            row["ci95"] = f"[{m.ci[0]:.4g}, {m.ci[1]:.4g}]"
-        b = metrics[base].get(name) if base else None
-        if b is not None:
-            row[base] = b.value
-            row["delta"] = m.value - b.value
-        rows.append(row)
-    return rows
 
 
 def instruction_artifact_markdown(eval_data: dict[str, Any]) -> str:
@@ -96,10 +74,15 @@ def evaluate_task(
             "eval_md": str(Path(out_dir) / "eval.md"),
             "gate": {"metric": r.eval.gate_metric, "value": metric_value(data, r.eval.gate_metric)},
         }
-    table_artifact(eval_table_rows(data), artifact_key(r.run_name, "eval-results"), f"Evaluation of {r.run_name}")
-    instructions_md = instruction_artifact_markdown(data)
-    if instructions_md:
-        markdown_artifact(
-            instructions_md, artifact_key(r.run_name, "eval-instructions"), f"Instruction following of {r.run_name}"
-        )
+    from .ui import eval_markdown, samples_markdown
+
+    curves = Path(out_dir) / "curves.png"
+    markdown_artifact(
+        eval_markdown(data, r.run_name, r.eval.gate_metric, curves if curves.is_file() else None),
+        artifact_key(r.run_name, "eval-results"),
+        f"Evaluation of {r.run_name}: base, trained, change with 95 % intervals",
+    )
+    samples_md = samples_markdown(data, r.run_name)
+    if samples_md:
+        markdown_artifact(samples_md, artifact_key(r.run_name, "eval-samples"), f"Sample answers of {r.run_name}, base and trained side by side")
     return json_safe({**box["result"], "content_hash": box["content_hash"]})

@@ -9,7 +9,7 @@ from prefect import task
 
 from orpo_core.io import json_safe
 
-from .artifacts import artifact_key, stats_rows, table_artifact
+from .artifacts import artifact_key, markdown_artifact
 
 from .options import cached_task_options, load_recipe_dict
 
@@ -38,5 +38,7 @@ def prepare_task(recipe: dict[str, Any], out_dir: str) -> dict[str, Any]:
     with stage_run("prepare", {"recipe": recipe, "out_dir": out_dir}) as box:
         stats = prepare_dataset(r, Path(out_dir))
         box["result"] = {"stage": "prepare", "path": str(out_dir), "stats": json_safe(stats)}
-    table_artifact(stats_rows(stats), artifact_key(r.run_name, "data-stats"), f"Data preparation stats of {r.run_name}")
+    from .ui import data_stats_markdown
+
+    markdown_artifact(data_stats_markdown(stats, r.run_name), artifact_key(r.run_name, "data-stats"), f"Data preparation stats of {r.run_name}")
     return {**box["result"], "content_hash": box["content_hash"]}

@@ -148,7 +148,11 @@ def push_task(
         from orpo_core.publish.card import card_for_ui
 
         card = (folder / "README.md").read_text(encoding="utf-8")
-        markdown_artifact(card_for_ui(card), artifact_key(r.run_name, "model-card"), f"Model card of {r.run_name} ({folder / 'README.md'})")
+        from .ui import png_data_uri
+
+        curves = png_data_uri(folder / "training_curves.png", max_width_px=700)  # the card is long already: a lighter image
+        images = {"training_curves.png": curves} if curves else None
+        markdown_artifact(card_for_ui(card, images), artifact_key(r.run_name, "model-card"), f"Model card of {r.run_name} ({folder / 'README.md'})")
         files = sorted(p.name for p in folder.iterdir())
         url = None
         if dry_run:

@@ -13,6 +13,23 @@ from orpo_core.runs.cache import clear_stamp, stage_base_key, write_stamp
 from .logs import library_logs_to_run, run_logger
 
 
+def current_run_ids() -> dict[str, str | None]:
+    """The running flow run's and task run's ids and names (``flow_run_id``, ``flow_run_name``,
+    ``task_run_id``, ``task_run_name``; None outside Prefect). Stored in a stage's result, they
+    name the run that produced it when a later run finds the stage cached."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    fctx, tctx = FlowRunContext.get(), TaskRunContext.get()
+    fr = fctx.flow_run if fctx is not None else None
+    tr = tctx.task_run if tctx is not None else None
+    return {
+        "flow_run_id": str(fr.id) if fr is not None else None,
+        "flow_run_name": fr.name if fr is not None else None,
+        "task_run_id": str(tr.id) if tr is not None else None,
+        "task_run_name": tr.name if tr is not None else None,
+    }
+
+
 def current_cache_key() -> str | None:
     """The cache key of the running task's transaction (None outside a cached task)."""
     from prefect.transactions import get_transaction
@@ -29,7 +46,8 @@ def stage_run(stage: str, inputs: Mapping[str, Any]) -> Iterator[dict[str, Any]]
     vouching for a half-rewritten folder), forwards library logs to the run
     logs, and on success writes the stamp with the base key and the running
     transaction's cache key (see :mod:`orpo_core.runs.cache`). Yields a dict the
-    caller fills with ``result`` (stored in the stamp).
+    caller fills with ``result`` (stored in the stamp); ``result["produced_by"]`` is set to
+    :func:`current_run_ids` (the run summary of a later, cached run links to that flow run).
     """
     out_dir = Path(inputs["out_dir"])
     base = stage_base_key(stage, inputs)
@@ -39,6 +57,8 @@ def stage_run(stage: str, inputs: Mapping[str, Any]) -> Iterator[dict[str, Any]]
     t0 = time.monotonic()
     with library_logs_to_run():
         yield box
+    if isinstance(box.get("result"), dict):
+        box["result"]["produced_by"] = current_run_ids()
     stamp = write_stamp(out_dir, stage, base, current_cache_key(), json_safe(box.get("result")))
     box["content_hash"] = stamp["content_hash"]
     box["seconds"] = round(time.monotonic() - t0, 2)

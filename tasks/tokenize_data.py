@@ -9,7 +9,7 @@ from prefect import task
 
 from orpo_core.io import json_safe
 
-from .artifacts import artifact_key, stats_rows, table_artifact
+from .artifacts import artifact_key, markdown_artifact
 
 from .options import cached_task_options, load_recipe_dict
 
@@ -32,6 +32,9 @@ def tokenize_task(recipe: dict[str, Any], data_dir: str, out_dir: str) -> dict[s
     with stage_run("tokenize", {"recipe": recipe, "data_dir": data_dir, "out_dir": out_dir}) as box:
         stats = tokenize_dataset(r, Path(data_dir), Path(out_dir))
         box["result"] = {"stage": "tokenize", "path": str(out_dir), "stats": json_safe(stats)}
-    shown = {k: stats[k] for k in ("tokenization", "tokenizer") if isinstance(stats, dict) and k in stats} or stats
-    table_artifact(stats_rows(shown), artifact_key(r.run_name, "tokenization-stats"), f"Tokenization stats of {r.run_name}")
+    from .ui import tokenization_markdown
+
+    markdown_artifact(
+        tokenization_markdown(stats, r.run_name), artifact_key(r.run_name, "tokenization-stats"), f"Tokenization stats of {r.run_name}"
+    )
     return {**box["result"], "content_hash": box["content_hash"]}

@@ -20,7 +20,7 @@ from orpo_core.io import json_safe
 from orpo_core.runs.cache import stage_base_key
 from orpo_core.runs.resume import resume_decision, training_marker
 
-from .artifacts import artifact_key, stats_rows, table_artifact
+from .artifacts import artifact_key, table_artifact, with_point
 from .logs import run_logger
 from .options import cached_task_options, load_recipe_dict
 from .progress import make_progress_callback
@@ -51,7 +51,7 @@ def train_task(recipe: dict[str, Any], tokenized_dir: str, out_dir: str) -> dict
     inputs = {"recipe": recipe, "tokenized_dir": tokenized_dir, "out_dir": out_dir}
     base_key = stage_base_key("train", inputs)
     resume = resume_decision(out, base_key, log=run_logger())
-    cb = make_progress_callback(artifact_key(r.run_name, "training-progress"), f"Training progress of {r.run_name}")
+    cb = make_progress_callback(artifact_key(r.run_name, "training-progress"), with_point(f"Training progress of {r.run_name}"))
     with training_marker(out, base_key), stage_run("train", inputs) as box:
         try:
             if uses_launcher(r.train.distributed):  # train.distributed: accelerate launch, lines to the run log
@@ -69,5 +69,7 @@ def train_task(recipe: dict[str, Any], tokenized_dir: str, out_dir: str) -> dict
             "metrics": json_safe(metrics),
             "resumed": resume,
         }
-    table_artifact(stats_rows(metrics or {}), artifact_key(r.run_name, "train-metrics"), f"Final training metrics of {r.run_name}")
+    from .ui import train_metrics_rows
+
+    table_artifact(train_metrics_rows(metrics), artifact_key(r.run_name, "train-metrics"), f"Final training metrics of {r.run_name}")
     return {**box["result"], "content_hash": box["content_hash"]}

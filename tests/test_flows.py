@@ -210,17 +210,18 @@ def test_rerun_cached_and_beta_change(prefect_harness, stages, tmp_path):
     from flows.pipeline import orpo_pipeline
 
     recipe = str(_write_recipe(tmp_path))
-    r1, s1, _ = _run(orpo_pipeline, recipe=recipe)
+    r1, s1, st1 = _run(orpo_pipeline, recipe=recipe)
     assert s1 == {"prepare": "Completed", "tokenize": "Completed", "train": "Completed", "evaluate": "Completed", "push": "Completed"}
     assert r1["metrics"]["preference/accuracy"] == acc_formula(1.0, 0.1, 9)
     assert r1["push"]["dry_run"] is True and Path(r1["paths"]["hub"], "README.md").is_file()
 
     # same recipe again: every cached stage is Cached, nothing re-ran
-    r2, s2, _ = _run(orpo_pipeline, recipe=recipe)
+    r2, s2, st2 = _run(orpo_pipeline, recipe=recipe)
     assert {k: s2[k] for k in ALL_CACHED} == ALL_CACHED
     assert r2["stages"] == {**ALL_CACHED, "push": "Completed"}
     assert {k: len(v) for k, v in stages.calls.items()} == {"prepare": 1, "tokenize": 1, "train": 1, "evaluate": 1}
     assert r2["metrics"] == r1["metrics"]
+    _check_cached_run_summary(tmp_path, st1, st2)
 
     # only orpo.beta changes: train and evaluate rerun, the data stages are cached
     r3, s3, _ = _run(orpo_pipeline, recipe=recipe, overrides=["orpo.beta=0.2"])
@@ -235,6 +236,32 @@ def test_rerun_cached_and_beta_change(prefect_harness, stages, tmp_path):
     # a new configuration never resumes from the previous one's checkpoints
     assert [c["resume"] for c in stages.calls["train"]] == [False, False, False]
     assert [c["saw_checkpoint"] for c in stages.calls["train"]] == [False, False, False]
+
+
+def _check_cached_run_summary(tmp_path, first, second) -> None:
+    """The cached re-run ends with its own <run>-summary artifact: every cached stage links to the
+    first run's flow run, the results carry intervals; both runs are named and tagged."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    fid1, fid2 = first.state_details.flow_run_id, second.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["flowtest-summary"]), flow_run_id=ArtifactFilterFlowRunId(any_=[fid2]))
+        )
+        runs = {fid: client.read_flow_run(fid) for fid in (fid1, fid2)}
+    assert len(arts) == 1 and arts[0].type == "markdown"
+    md = arts[0].data
+    name1 = runs[fid1].name
+    for stage in ("prepare", "tokenize", "train", "evaluate"):
+        assert f"| {stage} | Cached | [{name1}](" in md and f"/runs/flow-run/{fid1})" in md, stage
+    assert "| push | Completed | this run |" in md
+    assert f"Output folder: `{(tmp_path / 'run').resolve()}`" in md
+    # stand-in eval: base 0.5 (no CI), trained 0.69 with CI +-0.05, no paired delta
+    assert "| `preference/accuracy` (gate) | 0.5 | 0.69 [0.64, 0.74] | +0.19 | no interval |" in md
+    assert "Final training: `train_loss` 0.25, `eval_loss` 0.5" in md
+    for fr in runs.values():
+        assert fr.name.startswith("flowtest-") and {"recipe=flowtest", "flow=pipeline"} <= set(fr.tags)
 
 
 @pytest.mark.prefect
@@ -339,12 +366,11 @@ def test_transient_failure_retried_and_ui_artifacts(prefect_harness, stages, tmp
         latest[a.key] = a
     assert set(latest) == set(keys)
     assert latest["flowtest-training-progress"].type == "progress" and float(latest["flowtest-training-progress"].data) == 100.0
-    assert latest["flowtest-data-stats"].type == "table"
-    table = json.loads(latest["flowtest-data-stats"].data)
-    assert {"key": "rows_read", "value": 10} in table
-    eval_rows = json.loads(latest["flowtest-eval-results"].data)
-    acc_row = next(row for row in eval_rows if row["metric"] == "preference/accuracy")
-    assert acc_row["trained"] == acc_formula(1.0, 0.1, 9) and acc_row["base"] == 0.5
+    assert latest["flowtest-data-stats"].type == "markdown"
+    assert "| rows read | added by binarize | kept | dropped |" in latest["flowtest-data-stats"].data
+    ev = latest["flowtest-eval-results"]
+    assert ev.type == "markdown" and "| metric | base [95 % CI] | trained [95 % CI] | change [95 % CI] | verdict |" in ev.data
+    assert f"| `preference/accuracy` (gate) | 0.5 | {acc_formula(1.0, 0.1, 9):g} [" in ev.data
     # the model card reads as markdown: no YAML front matter, metadata as a small table, no broken image
     card = latest["flowtest-model-card"]
     assert card.type == "markdown" and card.data.startswith("# orpo-flowtest\n")
@@ -353,7 +379,7 @@ def test_transient_failure_retried_and_ui_artifacts(prefect_harness, stages, tmp
     assert "![" not in card.data
     # tables: floats to 4 significant digits
     train_rows = json.loads(latest["flowtest-train-metrics"].data)
-    assert {"key": "train_runtime", "value": 12.35} in train_rows
+    assert {"metric": "train_runtime", "value": 12.35} in train_rows
     # progress: step / max steps, the latest loss and the ETA in the description
     prog = latest["flowtest-training-progress"].description
     assert "| step | 4 / 4 |" in prog and "| loss | 0.25 |" in prog and "| ETA | done |" in prog
@@ -477,21 +503,32 @@ def test_sweep_2x2(prefect_harness, stages, tmp_path, monkeypatch):
         assert rows[point]["preference/accuracy"] == pytest.approx(acc)
         assert rows[point]["status"] == "ok"
         assert (tmp_path / "run" / "sweep" / point / "train" / "model" / "state.json").is_file()
-    assert out["best"] == max(expected, key=expected.get)
+    # the stand-in intervals are +-0.05: the top two values (0.69 vs 0.64) overlap, so no "best"
+    assert out["best"] is None and out["best_by_value"] == max(expected, key=expected.get)
+    assert "no point is distinguishable from the others on `preference/accuracy`" in out["verdict"]
     assert out["base"]["preference/accuracy"] == 0.5
     sweep_dir = tmp_path / "run" / "sweep"
-    assert json.loads((sweep_dir / "sweep.json").read_text())["best"] == out["best"]
+    assert json.loads((sweep_dir / "sweep.json").read_text())["best"] is None
     md = (sweep_dir / "sweep.md").read_text()
-    assert all(f"| {p} |" in md for p in expected)
-    assert "Base model (scored in point a0.5-b0.05; its margin uses that point's beta)" in md
+    assert all(f"| alpha={a:g}, beta={b:g} | {a:g} | {b:g} | " in md for a in (0.5, 1.0) for b in (0.05, 0.1))
+    assert "| base model | – | – | 0.5 | – |" in md and "The base model's margin uses a0.5-b0.05's beta." in md
+    # change vs base: paired where the point scored the base model (no paired delta in the stand-in)
+    assert "| alpha=0.5, beta=0.05 | 0.5 | 0.05 | 0.59 [0.54, 0.64] | +0.09 |" in md
     png = sweep_dir / "sweep.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     img = imread(png)
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["flowtest-sweep"])))
-    table = json.loads(sorted(arts, key=lambda a: a.created)[-1].data)
-    assert sorted(r["point"] for r in table) == sorted(expected)
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["flowtest-sweep", "flowtest-sweep-report"])))
+        from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+        trs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="train alpha=")))
+    assert {a.key for a in arts} == {"flowtest-sweep"}  # one artifact: the table is not published twice
+    report = sorted(arts, key=lambda a: a.created)[-1]
+    assert report.type == "markdown" and "![sweep plot](data:image/png;base64," in report.data
+    assert {t.name for t in trs} == {f"train alpha={a:g}, beta={b:g}" for a in (0.5, 1.0) for b in (0.05, 0.1)}
+    assert all({"stage=train", "recipe=flowtest"} <= set(t.tags) for t in trs)
+    assert any({"alpha=1", "beta=0.1"} <= set(t.tags) for t in trs)
 
     # the same sweep again: everything cached, nothing re-trained
     again = ablation_sweep(recipe=recipe, grid=grid)

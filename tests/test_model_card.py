@@ -119,7 +119,7 @@ def test_model_card_metadata_and_body():
     assert "0.7200 [0.6600, 0.7800]" in row and "0.5500" in row and "+0.1700" in row
     ppl = next(line for line in body.splitlines() if line.startswith("| `perplexity/chosen`"))
     assert "-1.2500" in ppl
-    assert "| `train_loss` | 1.2500 |" in body and "train_runtime" not in body
+    assert "| `train_loss` | 1.25 |" in body and "train_runtime" not in body  # 4 significant digits, no padding
     # the embedded recipe parses back to the recipe
     block = re.search(r"```yaml\n(.*?)```", body, re.S).group(1)
     assert recipe_from_dict(yaml.safe_load(block)).to_dict() == r.to_dict()

@@ -170,7 +170,7 @@ def test_fan_out_runs_each_point_on_its_own_worker_and_collects_the_table(pool, 
     assert {rows["b0.05"]["worker"], rows["b0.2"]["worker"]} == {"w1", "w2"}
     assert rows["b0.05"]["flow_run"] != rows["b0.2"]["flow_run"]
     md = (sweep_dir / "sweep.md").read_text()
-    assert "| b0.05 |" in md and "| b0.2 |" in md and "w1" in md and "w2" in md
+    assert "| beta=0.05 |" in md and "| beta=0.2 |" in md and "w1" in md and "w2" in md
     assert (sweep_dir / "sweep.png").stat().st_size > 1000
     assert summary["base"] and "preference/accuracy" in summary["base"]  # scored once, in the first point
 
@@ -187,4 +187,4 @@ def test_fan_out_reports_a_failed_point_and_keeps_the_others(pool, tmp_path):
     assert rows["pfp16"]["flow_run_state"] == "Failed"
     assert rows["pfp16"]["status"].startswith("flow run Failed") and "fp16" in rows["pfp16"]["status"]
     md = (tmp_path / "run" / "sweep" / "sweep.md").read_text()
-    assert "| pfp32 |" in md and "| pfp16 |" in md
+    assert "| precision=fp32 |" in md and "| precision=fp16 |" in md

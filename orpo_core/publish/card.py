@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from orpo_core.config import Recipe
+from orpo_core.io import fmt_value
 from orpo_core.evaluation.results import as_number, extract_metrics, pick_label
 
 ORPO_PAPER = "https://arxiv.org/abs/2403.07691"
@@ -119,7 +120,7 @@ def hyperparameter_rows(recipe: Recipe) -> list[tuple[str, str]]:
     """(name, value) rows of the hyper-parameters that define the run."""
     t, o, p, d = recipe.train, recipe.orpo, recipe.peft, recipe.data
     rows = [
-        ("objective", "ORPO: L = alpha * L_SFT + beta * L_OR (Hong et al. 2024, eq. 6)"),
+        ("objective", "ORPO: L = alpha · L_SFT + beta · L_OR (Hong et al. 2024, eq. 6)"),
         ("orpo.beta (paper's lambda)", str(o.beta)),
         ("orpo.alpha (NLL weight)", str(o.alpha)),
         ("NLL on prompt tokens", str(o.nll_on_prompt)),
@@ -167,6 +168,30 @@ def metrics_table(eval_data: Mapping[str, Any] | None) -> str:
         m.ci for m in metrics[trained].values()
     ) else ""
     return "\n".join(lines) + "\n" + note + "\n"
+
+
+_NOT_METRICS = ("runtime", "per_second", "flos")
+_FIRST = ("train_loss", "eval_loss")
+
+
+def final_metric_rows(train_metrics: Mapping[str, Any] | None) -> list[tuple[str, float]]:
+    """(name, value) rows of ``train/metrics.json`` for the card: the final ``train_loss`` and
+    ``eval_loss`` first, then the other numbers of its ``train`` and ``eval`` sections and its
+    top-level counts (``global_step``, ``num_train_pairs`` ...), each TRL name once; timings
+    (``*_runtime``, ``*_per_second``) and ``total_flos`` left out. A flat dict works too.
+    The card prints them with :func:`orpo_core.io.fmt_value` (counts such as ``178.0`` as ``178``)."""
+    if not train_metrics:
+        return []
+    found: dict[str, float | int] = {}
+    sections = [train_metrics.get(k) for k in ("train", "eval")]
+    for src in [*(s for s in sections if isinstance(s, Mapping)), train_metrics]:
+        for k, v in src.items():
+            x = as_number(v)
+            if x is None or str(k).endswith(_NOT_METRICS) or k in found:
+                continue
+            found[str(k)] = x
+    order = [k for k in _FIRST if k in found] + [k for k in found if k not in _FIRST]
+    return [(k, found[k]) for k in order]
 
 
 def _eval_results(recipe: Recipe, eval_data: Mapping[str, Any] | None, model_name: str) -> list:
@@ -291,18 +316,13 @@ def build_model_card(
 
     hp = "\n".join(["| hyper-parameter | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in hyperparameter_rows(recipe)])
     train_lines = ""
-    if train_metrics:
-        rows = [
-            (k, as_number(v))
-            for k, v in train_metrics.items()
-            if as_number(v) is not None and not k.endswith(("runtime", "per_second", "flos"))
-        ]
-        if rows:
-            train_lines = (
-                "\n### Final training metrics\n\n| metric | value |\n|---|---|\n"
-                + "\n".join(f"| `{k}` | {_fmt(v)} |" for k, v in rows)
-                + "\n"
-            )
+    rows = final_metric_rows(train_metrics)
+    if rows:
+        train_lines = (
+            "\n### Final training metrics\n\n| metric | value |\n|---|---|\n"
+            + "\n".join(f"| `{k}` | {fmt_value(v)} |" for k, v in rows)
+            + "\n"
+        )
     curves = "\n![training curves](training_curves.png)\n" if has_curves else ""
     load = (
         f'from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained("{repo}")'
@@ -312,10 +332,7 @@ def build_model_card(
     body = f"""
 # {model_name}
 
-This model is {model_desc} aligned with **ORPO** (Odds Ratio Preference Optimization,
-[Hong et al. 2024]({ORPO_PAPER})): a single-stage objective that adds an odds-ratio
-preference term to the supervised NLL loss, with no reference model
-(total loss = alpha · NLL(chosen) + beta · mean(−log σ(log odds(chosen) − log odds(rejected)))).
+This model is {model_desc} aligned with **ORPO** (Odds Ratio Preference Optimization, [Hong et al. 2024]({ORPO_PAPER})): a single-stage objective that adds an odds-ratio preference term to the supervised NLL loss, with no reference model (total loss = alpha · NLL(chosen) + beta · mean(−log σ(log odds(chosen) − log odds(rejected)))).
 {"It is a LoRA adapter; load it on top of the base model." if adapter_only else ""}
 
 ## Training data
@@ -328,9 +345,7 @@ preference term to the supervised NLL loss, with no reference model
 {train_lines}
 ## Evaluation
 
-Preference metrics are measured on held-out pairs: accuracy is the share of pairs whose
-chosen response has a higher length-normalised log-probability than the rejected one,
-margin is beta · (log p(chosen) − log p(rejected)) as in TRL, log-odds as in the ORPO loss.
+Preference metrics are measured on held-out pairs: accuracy is the share of pairs whose chosen response has a higher length-normalised log-probability than the rejected one, margin is beta · (log p(chosen) − log p(rejected)) as in TRL, log-odds as in the ORPO loss.
 
 {metrics_table(eval_data)}{curves}
 ## Usage
@@ -377,15 +392,17 @@ _LOCAL_IMAGE = re.compile(r"!\[([^\]]*)\]\((?!https?://|data:)([^)\s]+)\)")
 _UI_META_KEYS = ("base_model", "datasets", "license", "library_name", "pipeline_tag", "tags")
 
 
-def card_for_ui(card: str) -> str:
+def card_for_ui(card: str, images: Mapping[str, str] | None = None) -> str:
     """The model card as plain markdown for a UI that does not read Hub metadata (Prefect's
     markdown artifact): the YAML front matter becomes a small ``| field | value |`` table
     (base model, datasets, license, library, pipeline tag, tags; the model-index duplicates the
     metrics table of the body and is left out), and images with a relative path, which such a
-    UI cannot load, become a line naming the file.
+    UI cannot load, become a line naming the file unless ``images`` maps that path to a URI
+    the UI can show (a ``data:image/png;base64,...`` URI: the image is embedded).
 
     Args:
         card: README.md text (front matter optional).
+        images: relative image path (as written in the card) -> URI to show instead.
 
     Returns:
         Markdown without front matter and without relative image links.
@@ -400,7 +417,13 @@ def card_for_ui(card: str) -> str:
         except yaml.YAMLError:
             meta = {}
         body = card[m.end():]
-    body = _LOCAL_IMAGE.sub(lambda im: f"*{im.group(1) or 'image'}: `{im.group(2)}` in the model folder*", body)
+    def image(im: re.Match) -> str:
+        uri = (images or {}).get(im.group(2))
+        if uri:
+            return f"![{im.group(1)}]({uri})"
+        return f"*{im.group(1) or 'image'}: `{im.group(2)}` in the model folder*"
+
+    body = _LOCAL_IMAGE.sub(image, body)
     rows = []
     for key in _UI_META_KEYS:
         value = meta.get(key)
