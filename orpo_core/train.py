@@ -263,7 +263,9 @@ def run_training(
         ``train_loss``, runtime...), ``eval`` (final ``eval_loss`` and ``eval_`` TRL
         metrics; empty without a test split), ``last_train_log`` (the last logged
         train metrics), ``global_step``, ``skipped_nonfinite``, ``resumed_from``,
-        ``num_train_pairs``, ``num_eval_pairs``, ``model`` (see
+        ``num_train_pairs``, ``num_eval_pairs``, ``precision`` (``setting``: the recipe's
+        ``train.precision``; ``used``: fp32/bf16/fp16; ``reason``; ``autocast``;
+        ``trainable_dtype``: dtype of the trained (master) weights), ``model`` (see
         :func:`orpo_core.modeling.save_trained_model`).
 
     Raises:
@@ -311,6 +313,7 @@ def run_training(
     added_tokens = bool(stats["tokenizer"]["added_tokens"])
 
     args = build_training_args(recipe, out_dir, has_eval=eval_ds is not None)
+    logger.info("precision: %s (%s)", "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", training_precision(recipe)[1])
     is_main = args.process_index == 0
     ckpt_dir = Path(args.output_dir)
     signature = run_signature(recipe, stats)

@@ -177,3 +177,26 @@ def test_bf16_run_tracks_the_fp32_loss_curve(tmp_path, monkeypatch):
     # both learn: the last 5 steps' mean loss is well below the first 5 steps'
     for c in (fp32, bf16):
         assert sum(c[-5:]) < 0.8 * sum(c[:5]), c
+
+
+# --------------------------------------------------------------------------- where the choice is shown
+def test_model_card_and_artifact_rows_show_the_choice(tmp_path):
+    from orpo_train_entry import make_recipe
+
+    from orpo_core.model_card import build_model_card, hyperparameter_rows
+    from tasks.common import stats_rows
+
+    rec = make_recipe(tmp_path / "r")
+    record = {"setting": "auto", "used": "bf16", "reason": "auto: CPU has avx512_bf16/amx_bf16 (native bf16 dot products)",
+              "autocast": True, "trainable_dtype": "float32"}
+    rows = dict(hyperparameter_rows(rec, record))
+    assert rows["precision"] == ("bf16 mixed precision (autocast, float32 master weights; "
+                                 "auto: CPU has avx512_bf16/amx_bf16 (native bf16 dot products))")
+    assert dict(hyperparameter_rows(rec))["precision"] == "auto"  # no record: the recipe's setting
+    fp32 = {"setting": "auto", "used": "fp32", "reason": "auto: CPU lacks avx512_bf16/amx_bf16", "autocast": False}
+    assert dict(hyperparameter_rows(rec, fp32))["precision"] == "fp32 (auto: CPU lacks avx512_bf16/amx_bf16)"
+    card = str(build_model_card(rec, None, train_metrics={"precision": record, "global_step": 3}))
+    assert "| precision | bf16 mixed precision (autocast, float32 master weights; auto: CPU has avx512_bf16" in card
+    # the Prefect train artifact is a key/value table of metrics.json
+    table = {r["key"]: r["value"] for r in stats_rows({"precision": record})}
+    assert table["precision.used"] == "bf16" and table["precision.reason"].startswith("auto: CPU has")
