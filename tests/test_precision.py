@@ -200,3 +200,40 @@ def test_model_card_and_artifact_rows_show_the_choice(tmp_path):
     # the Prefect train artifact is a key/value table of metrics.json
     table = {r["key"]: r["value"] for r in stats_rows({"precision": record})}
     assert table["precision.used"] == "bf16" and table["precision.reason"].startswith("auto: CPU has")
+
+
+# --------------------------------------------------------------------------- evaluation
+def test_evaluation_scores_under_autocast_and_generates_in_fp32_on_cpu(tmp_path):
+    import numpy as np
+    from orpo_train_entry import build_tokenized, make_recipe
+    from transformers import AutoTokenizer
+
+    from orpo_core.evaluation import loading
+    from orpo_core.evaluation.generation import build_prompts
+    from orpo_core.evaluation.preference import load_pairs
+    from orpo_core.evaluation.runner import evaluate_model
+    from orpo_core.tiny import resolve_model_path
+
+    rec = make_recipe(tmp_path / "r", n_rows=40)
+    tokenized = build_tokenized(rec)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenized / "tokenizer"))
+    pairs = load_pairs(tokenized / "test.parquet")
+    src = loading.validate_model_source(resolve_model_path(rec.model, rec.out_dir, rec.seed), role="base model")
+    model = loading.load_eval_model(src, tokenizer, dtype="float32", device="cpu")
+    seen: list[tuple[bool, int]] = []  # (autocast on, sequence length) of each forward
+    model.register_forward_hook(lambda m, args, kw, out: seen.append((torch.is_autocast_enabled("cpu"), kw["input_ids"].shape[1]))
+                                if "input_ids" in kw else None, with_kwargs=True)
+    prompts = build_prompts(tokenizer, ["1 + 1 ="], [], 0)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        seen.clear()
+        runs[precision] = evaluate_model(model, tokenizer, recipe=rec, pairs=pairs, corpus_ids=None, tasks=[],
+                                         prompts=prompts, include_dir=None, precision=precision)
+        flags = [on for on, _ in seen]
+        n_score = -(-len(pairs) // rec.eval.batch_size)  # the first forwards score the pairs
+        assert flags[:n_score] == [precision == "bf16"] * n_score
+        assert not any(flags[n_score:]) and len(flags) > n_score  # greedy generation: fp32 on CPU
+    a, b = runs["fp32"]["scores"], runs["bf16"]["scores"]
+    assert not np.array_equal(a.chosen_logp_sum, b.chosen_logp_sum)  # bf16 really ran
+    assert np.allclose(a.chosen_logp_sum, b.chosen_logp_sum, rtol=2e-2, atol=0.5)
+    assert np.allclose(a.rejected_logp_sum, b.rejected_logp_sum, rtol=2e-2, atol=0.5)
