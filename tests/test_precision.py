@@ -237,3 +237,27 @@ def test_evaluation_scores_under_autocast_and_generates_in_fp32_on_cpu(tmp_path)
     assert not np.array_equal(a.chosen_logp_sum, b.chosen_logp_sum)  # bf16 really ran
     assert np.allclose(a.chosen_logp_sum, b.chosen_logp_sum, rtol=2e-2, atol=0.5)
     assert np.allclose(a.rejected_logp_sum, b.rejected_logp_sum, rtol=2e-2, atol=0.5)
+
+
+# --------------------------------------------------------------------------- packing / sharing in bf16
+@pytest.mark.parametrize("sharing", [False, True])
+def test_packed_segment_attention_under_autocast_matches_padded(tmp_path, tiny_model_dir, tiny_tok, sharing):
+    """Padding-free (segment sdpa, which casts q/k/v once per row under autocast) and prompt
+    sharing under bf16 autocast agree with the padded bf16 batch: the same loss, log-probs and
+    gradients up to bf16 rounding (the fp32 tests hold them to 1e-5)."""
+    from layout_checks import assert_same_outputs, layout_trainer, loss_and_grads
+    from test_packing import SPEC, _rows
+
+    from orpo_core.collator import ORPODataCollator
+    from orpo_core.packing import SEGMENT_SDPA
+
+    rows = _rows(SPEC, vocab=min(len(tiny_tok), 250))
+    tr = layout_trainer(tmp_path, tiny_model_dir, tiny_tok, rows, orpo={"padding_free": True, "prompt_sharing": False},
+                        max_steps=1, precision="bf16")
+    assert tr.args.bf16 and tr.model.config._attn_implementation == SEGMENT_SDPA
+    batch = tr._prepare_inputs(ORPODataCollator(tiny_tok.pad_token_id)(rows))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, g_plain = loss_and_grads(tr, batch, padding_free=False, sharing=False)
+        packed, g_packed = loss_and_grads(tr, batch, padding_free=True, sharing=sharing)
+    assert all(g.dtype == torch.float32 for g in g_packed.values())
+    assert_same_outputs(packed, plain, g_packed, g_plain, tol=3e-2)
