@@ -13,15 +13,19 @@ Reference configuration (keep it fixed, it is the point of comparison):
   tokenizer) is loaded by both trainers;
 * data: ``shared/data/preference/ultrafeedback_binarized_sample_train.jsonl``; the same pairs, in the
   same order, for both (see "Rows" below); ``max_length`` 512, ``max_prompt_length`` 256;
-* optimisation: batch 2 pairs (``per_device_train_batch_size=2``, no accumulation), fp32 on CPU,
+* optimisation: batch 2 pairs (``per_device_train_batch_size=2``, no accumulation), fp32 on CPU
+  (``--precision bf16``: bf16 autocast over float32 master weights in both trainers, ``bf16=True``
+  in both ``TrainingArguments``, as ``train.precision: auto`` trains on a CPU with AVX512-BF16;
+  ``--bf16-weights``: bfloat16 weights and optimizer states too),
   AdamW (``adamw_torch_fused``, the default of transformers 5 and TRL; ``--optim``), lr 8e-6 linear schedule, no warmup, weight decay 0, grad-norm clip 1.0,
   beta 0.1, dropout disabled, no gradient checkpointing (``--gradient-checkpointing``: non-reentrant
   activation checkpointing in both), full fine-tuning (``--peft lora``: the same LoRA adapters, r 16,
   alpha 32, all linear layers, dropout 0, in both), no evaluation, no checkpoints, logging once
   at the last step, sequential sampling (both trainers draw batch k = pairs 2k, 2k+1).
 
-Each variant (``trl``, ``ours``, optionally ``ours-unfused`` and ``ours-shared`` = ours with
-``orpo.prompt_sharing``) runs in its own fresh Python process,
+Each variant (``trl``, ``ours``, optionally ``ours-unfused``, ``ours-shared`` = ours with
+``orpo.prompt_sharing`` and ``ours-fp32`` = ours in fp32 in a ``--precision bf16`` run, whose
+ratio ``ours_vs_ours_fp32`` is the bf16 speed-up) runs in its own fresh Python process,
 alternating ``trl, ours[, ours-unfused]`` for ``--reps`` repetitions. A worker does ``--warmup``
 untimed optimizer steps then ``--steps`` timed ones (``max_steps = warmup + steps``).
 
@@ -107,6 +111,7 @@ Usage::
     python benchmarks/bench_train.py --reps 1 --steps 4 --variants ours --chunk-size 256
     python benchmarks/bench_train.py --threads 1 --keep --work-dir /tmp/bench   # keep logs and raw JSON
     python benchmarks/bench_train.py --model tiny --device cuda --precision bf16 --vocab-size 128256   # GPU: + peak CUDA memory
+    python benchmarks/bench_train.py --precision bf16 --variants trl,ours,ours-fp32 --reps 1   # bf16 vs TRL and vs our fp32
 
 On CUDA (``--device cuda``) step boundaries are synchronised, the matmul probe runs in the
 training dtype on the GPU, and each worker also reports ``torch.cuda.max_memory_allocated``
@@ -150,7 +155,7 @@ TRL_REFERENCE = {"s_per_step": 4.5, "tokens_per_s": 285.0, "peak_rss_gib": 3.5}
 #: targets for ours relative to TRL
 TARGETS = {"throughput_ratio_min": 2.0, "rss_ratio_max": 0.35}
 
-VARIANTS = ("trl", "ours", "ours-unfused", "ours-shared")
+VARIANTS = ("trl", "ours", "ours-unfused", "ours-shared", "ours-fp32")
 
 
 # =========================================================================== shared helpers
@@ -447,8 +452,9 @@ def _worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
     res = _worker_common_start(spec, rec)
     tok = AutoTokenizer.from_pretrained(spec["model_dir"])
     bf16 = spec.get("precision") == "bf16"
+    weights_bf16 = bf16 and bool(spec.get("bf16_weights"))  # default: float32 master weights + bf16 autocast
     model = AutoModelForCausalLM.from_pretrained(
-        spec["model_dir"], dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation="sdpa"
+        spec["model_dir"], dtype=torch.bfloat16 if weights_bf16 else torch.float32, attn_implementation="sdpa"
     )
     rec["rss"]["model_loaded"] = {"now": rss_now_mib(), "max": maxrss_mib()}
     ds = Dataset.from_list(spec["trl_rows"])
@@ -556,7 +562,7 @@ def _worker_ours(spec: dict[str, Any], fused: bool, prompt_sharing: bool = False
             "output_dir": str(run_dir),
             "seed": spec["seed"],
             "model": {"name_or_path": spec["model_dir"],
-                      "dtype": "bfloat16" if spec.get("precision") == "bf16" else "float32",
+                      "dtype": "bfloat16" if spec.get("precision") == "bf16" and spec.get("bf16_weights") else "float32",
                       "attn_implementation": "sdpa"},
             "data": {
                 "sources": [{"path": spec["data_path"]}],
@@ -627,6 +633,9 @@ def worker_main(kind: str, spec_path: str, result_path: str) -> None:
         res = _worker_trl(spec)
     elif kind in ("ours", "ours-unfused", "ours-shared"):
         res = _worker_ours(spec, fused=(kind != "ours-unfused"), prompt_sharing=(kind == "ours-shared"))
+    elif kind == "ours-fp32":  # ours in fp32 (matmul probe too) in a --precision bf16 run
+        spec["precision"] = "fp32"
+        res = _worker_ours(spec, fused=True)
     else:
         raise SystemExit(f"unknown worker kind {kind!r}")
     res["kind"] = kind
@@ -765,6 +774,7 @@ def prepare_inputs(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         spec["chunk_size"] = args.chunk_size
     spec["device"] = args.device
     spec["precision"] = args.precision
+    spec["bf16_weights"] = bool(getattr(args, "bf16_weights", False))
     return spec
 
 
@@ -942,6 +952,13 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             ratios[kind]["meets_throughput_target"] = ratios[kind]["throughput_ratio"] >= TARGETS["throughput_ratio_min"]
             ratios[kind]["meets_rss_target"] = ratios[kind]["rss_ratio"] <= TARGETS["rss_ratio_max"]
     out["ratios_vs_trl"] = ratios
+    ours, fp32 = out["variants"].get("ours"), out["variants"].get("ours-fp32")
+    if ours and fp32:
+        out["ours_vs_ours_fp32"] = {
+            "useful_throughput_ratio": ours["useful_tokens_per_s"] / fp32["useful_tokens_per_s"],
+            "best_throughput_ratio": ours["best_tokens_per_s"] / fp32["best_tokens_per_s"],
+            "cpu_time_ratio": ours["cpu_s_per_step"] / fp32["cpu_s_per_step"],
+        }
     return out
 
 
@@ -977,6 +994,12 @@ def format_table(summary: dict[str, Any]) -> str:
             f"live heap above the state: {'x%.2f' % r['heap_above_state_ratio'] if r.get('heap_above_state_ratio') is not None else '–'}), "
             f"step time x{r['step_time_ratio']:.2f}, CPU time per step x{r['cpu_time_ratio']:.2f}; "
             f"best reps: throughput x{r['best_throughput_ratio']:.2f}, CPU time x{r['best_cpu_time_ratio']:.2f}"
+        )
+    o32 = summary.get("ours_vs_ours_fp32")
+    if o32:
+        lines.append(
+            f"ours/ours-fp32: useful tokens/s x{o32['useful_throughput_ratio']:.2f} (best reps x{o32['best_throughput_ratio']:.2f}), "
+            f"CPU time per step x{o32['cpu_time_ratio']:.2f}"
         )
     for kind, v in summary["variants"].items():
         if v.get("rss_above_state_mib") is not None:
@@ -1064,7 +1087,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2, help="pairs per optimizer step")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both trainers run")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: bfloat16 weights + bf16 autocast in both trainers (the CUDA configuration)")
+                   help="bf16: bf16 autocast over float32 master weights in both trainers (what train.precision: "
+                        "auto picks on hardware with native bf16); add the variant ours-fp32 to compare ours in fp32")
+    p.add_argument("--bf16-weights", action="store_true",
+                   help="with --precision bf16: load the weights in bfloat16 too (pure bf16, bf16 AdamW states)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="--model tiny: embedding/lm-head rows (e.g. 128256 as SmolLM3); default: the tokenizer's")
     p.add_argument("--lr", type=float, default=8e-6)
@@ -1178,6 +1204,7 @@ def main(argv: list[str] | None = None) -> int:
             "chunk_size": args.chunk_size,
             "device": args.device,
             "precision": args.precision,
+            "bf16_weights": bool(args.bf16_weights),
             "warmup_steps": args.warmup,
             "timed_steps": args.steps,
             "reps": args.reps,

@@ -1,12 +1,12 @@
 """Where one training step of our trainer spends its time: GEMM share, GEMM rate, and the GEMM-bound floor.
 
 Runs our trainer on the inputs of a kept ``bench_train.py`` run (same model, rows and settings:
-sequential batches of 2 pairs, fp32, sdpa) and profiles one optimizer step with
+sequential batches of 2 pairs, fp32 or ``--precision bf16`` autocast, sdpa) and profiles one optimizer step with
 ``torch.profiler`` (``with_flops``). Prints the ops by self CPU time and a summary:
 
 * ``gemm_s``: self time of ``aten::mm`` / ``addmm`` / ``addmm_`` / ``bmm`` in the step;
 * ``gemm_gflops``: their FLOPs (``2mkn`` each, as counted by the profiler) / ``gemm_s``;
-* ``floor_s``: the same FLOPs at the fp32 matmul rate of ``bench_train.py``'s probe
+* ``floor_s``: the same FLOPs at the fp32 (bf16 with ``--precision bf16``) matmul rate of ``bench_train.py``'s probe
   (``matmul_peak_flops``, measured here first): the step's time if it were nothing but GEMMs
   running at that rate.
 
@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, default=3, help="optimizer step to profile (1-based; the run trains this many steps)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--optim", default="adamw_torch_fused")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: bf16 autocast over float32 weights (train.precision: bf16); the probe runs in bf16 too")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, default=30, help="rows of the op table")
     a = p.parse_args(argv)
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_train import matmul_peak_flops
 
-    matmul = matmul_peak_flops(n=spec.get("matmul_n", 2048), reps=spec.get("matmul_reps", 7))["flops"] / 1e9
+    matmul = matmul_peak_flops(n=spec.get("matmul_n", 2048), reps=spec.get("matmul_reps", 7),
+                               dtype_name="bfloat16" if a.precision == "bf16" else "float32")["flops"] / 1e9
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True)
     times: dict[str, float] = {}
 
@@ -83,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             "train": {"learning_rate": spec["lr"], "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0,
                       "optim": a.optim, "max_steps": a.step, "per_device_train_batch_size": spec["batch"],
                       "gradient_checkpointing": a.gradient_checkpointing, "logging_steps": a.step,
+                      "precision": a.precision,
                       "eval_steps": None, "save_steps": None, "disable_dropout": True, "group_by_length": False,
                       "report_to": []},
             "eval": {"bootstrap_samples": 0}}, where="<profile_step>")
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_gflops_probe": matmul,
         "floor_s": gemm_flops / 1e9 / matmul if matmul else None,
         "optim": a.optim,
+        "precision": a.precision,
         "gradient_checkpointing": a.gradient_checkpointing,
     }
     print(json.dumps(out))

@@ -365,7 +365,11 @@ class TrainConfig(_Strict):
     per_device_eval_batch_size: int = Field(4, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     gradient_checkpointing: bool = False
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA if supported, fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 autocast (float32 master weights) on a CUDA GPU with bf16 support or a CPU with "
+        "avx512_bf16/amx_bf16, fp32 otherwise (orpo_core.training.precision; ORPO_CPU_BF16=0/1 forces the CPU check)",
+    )
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="None: evaluate at the end only")
     save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps")

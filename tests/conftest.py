@@ -17,6 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+# train.precision: auto would train in bf16 autocast on a CPU with avx512_bf16/amx_bf16, and many tests
+# compare layouts or resumed runs to 1e-5; they run in fp32 on every machine. tests/test_precision.py
+# forces or clears it per test (a real bf16 run included).
+os.environ.setdefault("ORPO_CPU_BF16", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("ORPO_SHARED_DIR", ROOT.parent / "shared"))

@@ -49,22 +49,33 @@ def evaluate_model(
     prompts,
     include_dir: str | None,
     instructions=None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """All metrics of one loaded model.
+
+    ``precision`` (``fp32``/``bf16``/``fp16``, see :mod:`orpo_core.training.precision`): the scoring
+    forwards (held-out pairs, corpus) run under autocast in that dtype; generation and lm-eval
+    only where :func:`orpo_core.training.precision.generation_uses_autocast` says so (CUDA).
 
     Returns:
         ``{"metrics": {key: detail}, "scores": PairScores | None, "answers": [...],
         "lm_eval": {...} , "corpus": {...} | None, "instructions": FollowResult | None,
         "timing_s": {...}}``.
     """
+    from orpo_core.training.precision import autocast_context, generation_uses_autocast
+
     ev = recipe.eval
+    device_type = next(model.parameters()).device.type
+    score_ctx = lambda: autocast_context(precision, device_type)  # noqa: E731
+    gen_ctx = lambda: autocast_context(precision if generation_uses_autocast(precision, device_type) else "fp32", device_type)  # noqa: E731
     out: dict[str, Any] = {
         "metrics": {}, "scores": None, "answers": [], "lm_eval": None, "corpus": None, "instructions": None, "timing_s": {}
     }
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     if pairs and (ev.preference or ev.perplexity):
         t0 = time.perf_counter()
-        scores = score_pairs(model, pairs, pad_token_id=pad, batch_size=ev.batch_size)
+        with score_ctx():
+            scores = score_pairs(model, pairs, pad_token_id=pad, batch_size=ev.batch_size)
         m = preference_metrics(scores, beta=recipe.orpo.beta, bootstrap_samples=ev.bootstrap_samples, seed=recipe.seed)
         for k, v in m.items():
             if (k.startswith("preference/") and ev.preference) or (k.startswith("perplexity/") and ev.perplexity):
@@ -75,7 +86,8 @@ def evaluate_model(
         t0 = time.perf_counter()
         window = _model_window(model, ev.window or recipe.data.max_length)
         stride = min(ev.stride, window)
-        c = corpus_perplexity(model, corpus_ids, window=window, stride=stride, batch_size=ev.batch_size)
+        with score_ctx():
+            c = corpus_perplexity(model, corpus_ids, window=window, stride=stride, batch_size=ev.batch_size)
         out["corpus"] = c
         out["metrics"]["perplexity/corpus"] = {
             "value": c["value"],
@@ -89,28 +101,32 @@ def evaluate_model(
         out["timing_s"]["corpus"] = time.perf_counter() - t0
     if tasks:
         t0 = time.perf_counter()
-        res = harness.run_lm_eval(
-            model,
-            tokenizer,
-            tasks,
-            limit=ev.limit,
-            batch_size=ev.batch_size,
-            bootstrap_iters=ev.bootstrap_samples,
-            seed=recipe.seed,
-            include_dir=include_dir,
-            max_gen_toks=ev.lm_eval_max_gen_toks,
-            apply_chat_template=ev.lm_eval_chat_template,
-        )
+        # lm-eval mixes log-likelihood and generation requests: it follows the generation rule
+        with gen_ctx():
+            res = harness.run_lm_eval(
+                model,
+                tokenizer,
+                tasks,
+                limit=ev.limit,
+                batch_size=ev.batch_size,
+                bootstrap_iters=ev.bootstrap_samples,
+                seed=recipe.seed,
+                include_dir=include_dir,
+                max_gen_toks=ev.lm_eval_max_gen_toks,
+                apply_chat_template=ev.lm_eval_chat_template,
+            )
         out["lm_eval"] = res
         out["metrics"].update(res["metrics"])
         out["timing_s"]["lm_eval"] = time.perf_counter() - t0
     if prompts:
         t0 = time.perf_counter()
-        out["answers"] = generate_answers(model, tokenizer, prompts, max_new_tokens=ev.max_new_tokens)
+        with gen_ctx():
+            out["answers"] = generate_answers(model, tokenizer, prompts, max_new_tokens=ev.max_new_tokens)
         out["timing_s"]["generation"] = time.perf_counter() - t0
     if instructions:
         t0 = time.perf_counter()
-        res = answer_and_score(model, tokenizer, instructions, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
+        with gen_ctx():
+            res = answer_and_score(model, tokenizer, instructions, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
         out["instructions"] = res
         out["metrics"].update(instruction_metrics(res, bootstrap_samples=ev.bootstrap_samples, seed=recipe.seed))
         out["timing_s"]["instructions"] = time.perf_counter() - t0
@@ -264,6 +280,15 @@ def run_evaluation(
     # ------------------------------------------------------------ evaluate each model
     import tempfile
 
+    from orpo_core.training.precision import generation_uses_autocast, resolve_precision
+
+    device_type = loading.resolve_device().type
+    precision, precision_reason = resolve_precision(recipe.train.precision, device_type)
+    if precision == "fp16" and device_type != "cuda":
+        precision, precision_reason = "fp32", "train.precision: fp16 needs CUDA: evaluating in fp32"
+    if mcfg.dtype not in ("auto", "float32"):
+        precision, precision_reason = "fp32", f"model.dtype {mcfg.dtype}: the weights are already low precision"
+    log.info("evaluation precision: %s (%s)", precision, precision_reason)
     runs: dict[str, dict[str, Any]] = {}
     models_info: dict[str, Any] = {}
     order = [("trained", trained_src)] + ([("base", base_src)] if base_src is not None else [])
@@ -291,6 +316,7 @@ def run_evaluation(
                 prompts=prompts,
                 include_dir=str(Path(include_dir) / label),
                 instructions=instr_prompts,
+                precision=precision,
             )
             runs[label]["timing_s"]["load"] = load_s
             del model
@@ -392,6 +418,11 @@ def run_evaluation(
                 "chat_template": ev.lm_eval_chat_template,
             },
             "max_new_tokens": ev.max_new_tokens,
+            "precision": {
+                "scoring": precision,
+                "generation": precision if generation_uses_autocast(precision, device_type) else "fp32",
+                "reason": precision_reason,
+            },
             "eval_fields_hash": fields_hash(recipe, "evaluate"),
         },
         "lm_eval": lm_info,

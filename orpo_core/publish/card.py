@@ -116,8 +116,25 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}f}"
 
 
-def hyperparameter_rows(recipe: Recipe) -> list[tuple[str, str]]:
-    """(name, value) rows of the hyper-parameters that define the run."""
+def precision_text(setting: str, record: Mapping[str, Any] | None = None) -> str:
+    """The model card's precision value: the recipe's ``train.precision`` or, from the
+    ``precision`` record of ``train/metrics.json`` (see :func:`orpo_core.training.run.run_training`),
+    the precision used and why, e.g. ``bf16 mixed precision (autocast, float32 master weights;
+    auto: CPU has avx512_bf16/amx_bf16 (native bf16 dot products))``."""
+    if not isinstance(record, Mapping) or not record.get("used"):
+        return setting
+    used = str(record["used"])
+    reason = record.get("reason") or f"train.precision: {setting}"
+    if record.get("autocast"):
+        master = record.get("trainable_dtype") or "unknown"
+        return f"{used} mixed precision (autocast, {master} master weights; {reason})"
+    return f"{used} ({reason})"
+
+
+def hyperparameter_rows(recipe: Recipe, precision: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
+    """(name, value) rows of the hyper-parameters that define the run; ``precision``: the
+    ``precision`` record of ``train/metrics.json`` (the precision actually used and why),
+    else the recipe's setting is shown."""
     t, o, p, d = recipe.train, recipe.orpo, recipe.peft, recipe.data
     rows = [
         ("objective", "ORPO: L = alpha · L_SFT + beta · L_OR (Hong et al. 2024, eq. 6)"),
@@ -134,7 +151,7 @@ def hyperparameter_rows(recipe: Recipe) -> list[tuple[str, str]]:
         ("optimizer", t.optim),
         ("weight decay", str(t.weight_decay)),
         ("max grad norm", str(t.max_grad_norm)),
-        ("precision", t.precision),
+        ("precision", precision_text(t.precision, precision)),
         ("max length / max prompt length", f"{d.max_length} / {d.max_prompt_length}"),
         ("fine-tuning", p.method),
         ("seed", str(t.seed if t.seed is not None else recipe.seed)),
@@ -314,7 +331,8 @@ def build_model_card(
         else:
             sources.append(f"- local file `{Path(s.path or '').name}` (format `{s.format}`)")
 
-    hp = "\n".join(["| hyper-parameter | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in hyperparameter_rows(recipe)])
+    hp = "\n".join(["| hyper-parameter | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in hyperparameter_rows(
+        recipe, train_metrics.get("precision") if isinstance(train_metrics, Mapping) else None)])
     train_lines = ""
     rows = final_metric_rows(train_metrics)
     if rows:

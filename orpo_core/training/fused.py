@@ -31,9 +31,13 @@ The ORPO algebra after the per-token log-probs is shared with
 :mod:`orpo_core.training.loss` so both paths give identical values.
 
 Precision: the projection runs in the lm-head weight's dtype (bf16/fp16/fp32;
-hidden states are cast to it); logits, log-sum-exp, softmax, the per-token
-log-probs and the weight/bias-gradient accumulators are float32 (float64 when the
-weight is float64, which makes ``torch.autograd.gradcheck`` usable).
+hidden states are cast to it), or in ``matmul_dtype`` when given (bf16 mixed
+precision with float32 master weights: the weight is cast once per call, the
+forward, gradient matmuls and backward recomputation all use that one copy);
+logits, log-sum-exp, softmax, the per-token log-probs, the ORPO algebra and the
+weight/bias-gradient accumulators are float32 (float64 when the weight is float64,
+which makes ``torch.autograd.gradcheck`` usable), and the weight gradient is returned
+in the master weight's dtype.
 """
 
 from __future__ import annotations
@@ -91,26 +95,41 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def _logit_buffer(n: int, chunk_size: int, weight: torch.Tensor) -> torch.Tensor | None:
-    """A reusable ``[min(chunk_size, n), V]`` buffer for the chunk logits when the projection
-    can write straight into it (weight already in the compute dtype), else None. Reusing
-    one buffer spares a fresh large allocation (and its page faults) per chunk."""
-    if weight.dtype != _compute_dtype(weight.dtype) or n == 0:
+def _mm_weight(weight: torch.Tensor, matmul_dtype: torch.dtype | None) -> torch.Tensor:
+    """The lm-head weight the projection matmuls use: ``weight`` itself, or one detached copy
+    in ``matmul_dtype`` (bf16/fp16 mixed precision over float32 master weights)."""
+    if matmul_dtype is None or matmul_dtype == weight.dtype:
+        return weight
+    return weight.detach().to(matmul_dtype)
+
+
+def _logit_buffer(n: int, chunk_size: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Reusable ``[min(chunk_size, n), V]`` buffers for the chunk logits: ``(raw, z)``, the
+    projection's output in the weight dtype and the compute-dtype (float32) logits (the same
+    tensor when the weight is float32/float64); None when ``n == 0``. Reusing them spares
+    fresh large allocations (and their page faults) per chunk; a low-precision ``raw`` buffer
+    is also reused for the low-precision copy of the softmax in the gradient matmuls."""
+    if n == 0:
         return None
-    return torch.empty(min(chunk_size, n), weight.shape[0], dtype=weight.dtype, device=weight.device)
+    rows = min(chunk_size, n)
+    raw = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
+    cdt = _compute_dtype(weight.dtype)
+    z = raw if weight.dtype == cdt else torch.empty(rows, weight.shape[0], dtype=cdt, device=weight.device)
+    return raw, z
 
 
 def _chunk_logits(h, weight, bias, scale, softcap, out=None):
     """``[C, H]`` hidden -> ``(z, dz/draw)``: float32 ``[C, V]`` final logits and the
     derivative of the post-projection transform (None when it is the identity or a
-    constant scale, which is returned as a float). ``out``: a buffer from
-    :func:`_logit_buffer` to write the logits into (its first ``C`` rows)."""
+    constant scale, which is returned as a float). ``out``: buffers from
+    :func:`_logit_buffer` to write the logits into (their first ``C`` rows)."""
     # The projection runs in the weight dtype even under autocast, so that the forward
     # and the backward recomputation see bit-identical logits.
+    c = h.shape[0]
     with _no_autocast(h.device.type):
         hw = h.to(weight.dtype)
         if out is not None:
-            raw = out[: h.shape[0]]
+            raw = out[0][:c]
             if bias is None:
                 torch.mm(hw, weight.t(), out=raw)
             else:
@@ -119,7 +138,12 @@ def _chunk_logits(h, weight, bias, scale, softcap, out=None):
             raw = hw @ weight.t()
             if bias is not None:
                 raw = raw + bias.to(raw.dtype)
-    z = raw.to(_compute_dtype(weight.dtype))
+    if out is not None:
+        z = out[1][:c]
+        if z is not raw:
+            z.copy_(raw)  # float32 logits from the low-precision product
+    else:
+        z = raw.to(_compute_dtype(weight.dtype))
     del raw
     deriv: torch.Tensor | float | None = None
     if scale is not None:
@@ -147,7 +171,8 @@ def _exp_shifted(z: torch.Tensor, targets: torch.Tensor):
 
 def _chunked_forward(h, weight, bias, targets, chunk_size, scale, softcap, want_lse):
     """Per-token ``z[target] - logsumexp(z)`` (float32 ``[N]``), ``sum_v z`` (float32 ``[N]``)
-    and, when ``want_lse``, ``logsumexp(z)`` (float32 ``[N]``)."""
+    and, when ``want_lse``, ``logsumexp(z)`` (float32 ``[N]``). ``weight`` is the matmul
+    weight (see :func:`_mm_weight`)."""
     n = h.shape[0]
     cdt = _compute_dtype(weight.dtype)
     logps = torch.empty(n, dtype=cdt, device=h.device)
@@ -166,7 +191,7 @@ def _chunked_forward(h, weight, bias, targets, chunk_size, scale, softcap, want_
     return logps, sums, lse
 
 
-def _softmax_head_grads(e, g, w, t, h, weight, grad_w, grad_b, need_h):
+def _softmax_head_grads(e, g, w, t, h, weight, grad_w, grad_b, need_h, lp_buf=None):
     """Gradients of ``sum_i g_i * logp_i`` for one chunk, with ``logp_i = z_i[t_i] - lse(z_i)``.
 
     ``d/dz_i = g_i * onehot(t_i) - w_i * e_i`` where ``e`` ``[C, V]`` (compute dtype) is
@@ -175,10 +200,16 @@ def _softmax_head_grads(e, g, w, t, h, weight, grad_w, grad_b, need_h):
     operands and the one-hot part is a gather / scatter, so the only ``[C, V]`` work is the
     two matmuls with ``e``. Accumulates into ``grad_w`` ``[V, H]`` / ``grad_b`` ``[V]``
     (compute dtype, either may be None) and returns ``grad_h`` ``[C, H]`` (compute dtype)
-    when ``need_h``, else None.
+    when ``need_h``, else None. ``lp_buf``: a free ``[>= C, V]`` buffer in the weight dtype
+    to hold the low-precision copy of ``e`` (None: a new tensor).
     """
     cdt = e.dtype
-    e_c = e if weight.dtype == cdt else e.to(weight.dtype)  # one low-precision copy for both matmuls
+    if weight.dtype == cdt:
+        e_c = e
+    elif lp_buf is not None:  # one low-precision copy for both matmuls
+        e_c = lp_buf[: e.shape[0]].copy_(e)
+    else:
+        e_c = e.to(weight.dtype)
     gh = None
     if need_h:  # g * W[t] - w * (e @ W)
         gh = g.unsqueeze(1) * weight.index_select(0, t).to(cdt)
@@ -205,20 +236,24 @@ class _LMHeadTargetLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, chunk_size, scale, softcap):
-        logps, sums, lse = _chunked_forward(h, weight, bias, targets, chunk_size, scale, softcap, want_lse=True)
-        ctx.save_for_backward(h, weight, bias, targets, lse)
+    def forward(ctx, h, weight, bias, targets, chunk_size, scale, softcap, matmul_dtype=None):
+        wm = _mm_weight(weight, matmul_dtype)
+        logps, sums, lse = _chunked_forward(h, wm, bias, targets, chunk_size, scale, softcap, want_lse=True)
+        # the low-precision copy is saved (not re-cast in backward): the recomputed logits are
+        # bit-identical to the forward's
+        ctx.save_for_backward(h, wm, bias, targets, lse)
+        ctx.master_dtype = weight.dtype
         ctx.chunk_size, ctx.scale, ctx.softcap = chunk_size, scale, softcap
         ctx.mark_non_differentiable(sums)
         return logps, sums
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_sums):
-        h, weight, bias, targets, lse = ctx.saved_tensors
+        h, weight, bias, targets, lse = ctx.saved_tensors  # weight: the matmul copy
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = grad_w = grad_b = None
         if grad_logps is None or not (need_h or need_w or need_b):
-            return grad_h, grad_w, grad_b, None, None, None, None
+            return grad_h, grad_w, grad_b, None, None, None, None, None
         cdt = _compute_dtype(weight.dtype)
         grad_logps = grad_logps.to(cdt)
         if need_h:
@@ -240,7 +275,8 @@ class _LMHeadTargetLogps(torch.autograd.Function):
                 # d logp / d raw = s * (onehot(t) - p) for z = s * raw: the per-token factor
                 # g * s goes on the [C, H] operands, the one-hot part is a gather / scatter
                 gs = g * (ctx.scale if ctx.scale is not None else 1.0)
-                gh = _softmax_head_grads(p, gs, gs, t, h[start:end], weight, grad_w, grad_b, need_h)
+                gh = _softmax_head_grads(p, gs, gs, t, h[start:end], weight, grad_w, grad_b, need_h,
+                                         lp_buf=buf[0] if buf is not None else None)
                 if gh is not None:
                     grad_h[start:end] = gh.to(h.dtype)
                 del p, z, deriv, gh
@@ -264,10 +300,10 @@ class _LMHeadTargetLogps(torch.autograd.Function):
                     grad_w += grad_z_c.t() @ h_c
             del grad_z_c
         if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
+            grad_w = grad_w.to(ctx.master_dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 class _OnePassORPO(torch.autograd.Function):
@@ -302,9 +338,11 @@ class _OnePassORPO(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, h_all, weight, bias, hrows, targets, rows, is_logp, is_nll, counts, groups, n_pairs,
-                 beta, alpha, nll_den, pair_den, scale, chunk_size):
+                 beta, alpha, nll_den, pair_den, scale, chunk_size, matmul_dtype=None):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         cdt = _compute_dtype(weight.dtype)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        weight = _mm_weight(weight, matmul_dtype)  # master dtype kept in ctx.dtypes for the gradient
         dev = h_all.device
         n = hrows.shape[0]
         logps = torch.empty(n, dtype=cdt, device=dev)
@@ -342,12 +380,12 @@ class _OnePassORPO(torch.autograd.Function):
             loss += group_loss.detach()
             if scale is not None:
                 g = g * scale  # z = scale * raw: dloss/draw = scale * dloss/dz
-            gh = _softmax_head_grads(e, g, g / s, t, h, weight, grad_w, grad_b, need_h)
+            gh = _softmax_head_grads(e, g, g / s, t, h, weight, grad_w, grad_b, need_h,
+                                     lp_buf=buf[0] if buf is not None else None)
             if gh is not None:
                 grad_h.index_copy_(0, hrows[start:end], gh.to(h_all.dtype))
             del e, z, gh
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(logps, sums)
         return loss, logps, sums
 
@@ -364,7 +402,7 @@ class _OnePassORPO(torch.autograd.Function):
             grad_w = (grad_w if unit else grad_w * grad_loss.to(grad_w.dtype)).to(w_dtype)
         if grad_b is not None:
             grad_b = (grad_b if unit else grad_b * grad_loss.to(grad_b.dtype)).to(b_dtype)
-        return (grad_h, grad_w, grad_b) + (None,) * 14
+        return (grad_h, grad_w, grad_b) + (None,) * 15
 
 
 def _pair_groups(pair_of_token: torch.Tensor, n_pairs: int, chunk_size: int) -> list[tuple[int, int, list[int]]]:
@@ -410,15 +448,16 @@ def _check_head(hidden, weight, bias, chunk_size, scale, softcap):
         raise ValueError(f"logit_scale must be > 0, got {scale}")
 
 
-def _target_logps(h, weight, bias, targets, chunk_size, scale, softcap, grad: bool):
+def _target_logps(h, weight, bias, targets, chunk_size, scale, softcap, grad: bool, matmul_dtype=None):
     """Differentiable (``grad=True``) or no-grad per-token logps and logit sums of ``h [N, H]``."""
     if h.shape[0] == 0:
         empty = h.new_zeros(0, dtype=_compute_dtype(weight.dtype))
         return empty, empty
     if grad and torch.is_grad_enabled():
-        return _LMHeadTargetLogps.apply(h, weight, bias, targets, chunk_size, scale, softcap)
+        return _LMHeadTargetLogps.apply(h, weight, bias, targets, chunk_size, scale, softcap, matmul_dtype)
     with torch.no_grad():
-        logps, sums, _ = _chunked_forward(h, weight, bias, targets, chunk_size, scale, softcap, want_lse=False)
+        logps, sums, _ = _chunked_forward(h, _mm_weight(weight, matmul_dtype), bias, targets, chunk_size, scale,
+                                          softcap, want_lse=False)
     return logps, sums
 
 
@@ -432,6 +471,7 @@ def per_token_logps_from_hidden(
     *,
     logit_scale: float | None = None,
     softcap: float | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Log-probabilities of ``targets`` under ``lm_head(hidden)``, chunked (for evaluation).
 
@@ -445,6 +485,8 @@ def per_token_logps_from_hidden(
         mask: ``[...]`` bool/0-1, positions to score.
         chunk_size: tokens projected at a time (peak extra memory ``O(chunk_size * V)``).
         logit_scale, softcap: post-projection transform, see :func:`lm_head_transform_from_config`.
+        matmul_dtype: dtype of the projection matmul (e.g. ``torch.bfloat16`` for bf16 mixed
+            precision over a float32 weight); None: the weight's dtype. Log-softmax is float32.
 
     Returns:
         ``[N]`` float32 log-probs (nats) of the ``N = mask.sum()`` masked positions in
@@ -462,7 +504,7 @@ def per_token_logps_from_hidden(
     flat = mask.reshape(-1).bool().nonzero().squeeze(1)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
     t = targets.reshape(-1).index_select(0, flat).long()
-    logps, _ = _target_logps(h, weight, bias, t, chunk_size, logit_scale, softcap, grad=True)
+    logps, _ = _target_logps(h, weight, bias, t, chunk_size, logit_scale, softcap, grad=True, matmul_dtype=matmul_dtype)
     return logps
 
 
@@ -483,6 +525,7 @@ def orpo_loss_from_hidden(
     logit_scale: float | None = None,
     softcap: float | None = None,
     one_pass: bool = True,
+    matmul_dtype: torch.dtype | None = None,
 ) -> ORPOLossOutput:
     """Fused lm-head + ORPO loss; same values and gradients as
     :func:`orpo_core.training.loss.orpo_loss_from_logits` on ``logits = lm_head(hidden)``.
@@ -510,6 +553,11 @@ def orpo_loss_from_hidden(
             ``chunk_size`` target tokens, ``softcap`` models and ``one_pass=False`` use the
             backward that recomputes each chunk's logits (:class:`_LMHeadTargetLogps`). Both
             give the same loss and gradients.
+        matmul_dtype: dtype of the lm-head matmuls (forward and gradient), e.g.
+            ``torch.bfloat16`` under bf16 mixed precision with a float32 ``lm_head_weight``:
+            the weight is cast once per call; logits, softmax, log-probs, the ORPO terms and the
+            weight-gradient accumulator stay float32 and the weight gradient is returned in the
+            weight's dtype. None: the weight's dtype (also under autocast).
 
     Returns:
         :class:`orpo_core.training.loss.ORPOLossOutput`; ``logits/*`` metrics are the mean of the
@@ -555,7 +603,7 @@ def orpo_loss_from_hidden(
         one_pass_loss, long_pairs = _one_pass(
             flat_hidden, lm_head_weight, lm_head_bias, flat_targets, grad_mask, logp_mask, nll_mask,
             token_logps, token_sums, seq_len=seq_len, beta=beta, alpha=alpha, nll_den=nll_den,
-            pair_den=pair_den, scale=logit_scale, chunk_size=chunk_size,
+            pair_den=pair_den, scale=logit_scale, chunk_size=chunk_size, matmul_dtype=matmul_dtype,
         )
         if one_pass_loss is not None:  # pairs over chunk_size tokens go through the recomputing path
             recompute_mask = grad_mask & long_pairs.repeat(2).unsqueeze(1)
@@ -566,7 +614,8 @@ def orpo_loss_from_hidden(
         # grid index r * (T-1) + j  ->  hidden row r * T + j
         h = flat_hidden.index_select(0, idx + idx // (seq_len - 1))
         logps, sums = _target_logps(
-            h, lm_head_weight, lm_head_bias, flat_targets.index_select(0, idx), chunk_size, logit_scale, softcap, grad
+            h, lm_head_weight, lm_head_bias, flat_targets.index_select(0, idx), chunk_size, logit_scale, softcap, grad,
+            matmul_dtype=matmul_dtype,
         )
         token_logps = token_logps.index_put((idx,), logps)
         token_sums.index_put_((idx,), sums.detach())
@@ -603,7 +652,7 @@ def orpo_loss_from_hidden(
 
 
 def _one_pass(flat_hidden, weight, bias, flat_targets, grad_mask, logp_mask, nll_mask, token_logps, token_sums, *,
-              seq_len, beta, alpha, nll_den, pair_den, scale, chunk_size):
+              seq_len, beta, alpha, nll_den, pair_den, scale, chunk_size, matmul_dtype=None):
     """Run :class:`_OnePassORPO` over the grad-carrying tokens of the pairs that have at most
     ``chunk_size`` of them; fill ``token_logps`` / ``token_sums`` (detached) at those positions.
 
@@ -632,7 +681,7 @@ def _one_pass(flat_hidden, weight, bias, flat_targets, grad_mask, logp_mask, nll
     loss, logps, sums = _OnePassORPO.apply(
         flat_hidden, weight, bias, idx + idx // (seq_len - 1), flat_targets.index_select(0, idx), row,
         logp_mask.reshape(-1).index_select(0, idx), nll_mask.reshape(-1).index_select(0, idx), counts, groups,
-        half, beta, alpha, nll_den, pair_den, scale, chunk_size,
+        half, beta, alpha, nll_den, pair_den, scale, chunk_size, matmul_dtype,
     )
     token_logps.index_put_((idx,), logps)
     token_sums.index_put_((idx,), sums)

@@ -349,13 +349,25 @@ def segment_sdpa_attention_forward(
         )
     if query.shape[0] != 1:
         raise ValueError(f"segment attention needs one packed row, got a batch of {query.shape[0]}")
+    dev = query.device.type
+    if torch.is_autocast_enabled(dev):
+        # cast once for the whole row: under autocast each sdpa call would otherwise cast its own
+        # slices (the shared prompt keys once per segment that sees them), and every slice's
+        # backward would zero-fill a full-row float32 gradient
+        dt = torch.get_autocast_dtype(dev)
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
     n_rep = query.shape[1] // key.shape[1]
     if n_rep > 1:
         key = repeat_kv(key, n_rep)
         value = repeat_kv(value, n_rep)
     outs = []
-    for s in segments:
-        q = query[:, :, s.q_start : s.q_end]
+    contiguous = all(a.q_end == b.q_start for a, b in zip(segments, segments[1:])) and segments[0].q_start == 0 \
+        and segments[-1].q_end == query.shape[2]
+    # the query ranges tile the row: one split (its backward is one cat) instead of a slice per
+    # segment (each slice's backward zero-fills a full-row gradient)
+    q_parts = query.split([s.q_end - s.q_start for s in segments], 2) if contiguous else None
+    for i, s in enumerate(segments):
+        q = q_parts[i] if q_parts is not None else query[:, :, s.q_start : s.q_end]
         if len(s.k_ranges) == 1:
             (b, e), = s.k_ranges
             k, v = key[:, :, b:e], value[:, :, b:e]

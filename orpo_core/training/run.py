@@ -33,10 +33,13 @@ from orpo_core.training.collator import REQUIRED_COLUMNS, ORPODataCollator, pair
 from orpo_core.stages import fields_hash
 from orpo_core.config import Recipe
 from orpo_core.models.sources import resolve_model_path
+from orpo_core.training.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainInputError", "run_training", "build_training_args", "latest_checkpoint", "run_signature"]
+__all__ = [
+    "TrainInputError", "run_training", "build_training_args", "training_precision", "latest_checkpoint", "run_signature",
+]
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -160,9 +163,24 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def training_precision(recipe: Recipe) -> tuple[str, str]:
+    """``(precision, reason)`` this process trains in: ``recipe.train.precision`` with ``auto``
+    resolved by :func:`orpo_core.training.precision.resolve_precision` for this device (CUDA when
+    available, else CPU): ``bf16`` mixed precision (autocast, float32 master weights) where
+    the hardware has native bf16, else ``fp32``.
+
+    Raises:
+        ValueError: ``ORPO_CPU_BF16`` set to something other than 1/0.
+    """
+    return resolve_precision(recipe.train.precision, "cuda" if _cuda() else "cpu")
+
+
 def build_training_args(recipe: Recipe, out_dir: str | Path, has_eval: bool):
     """``TrainingArguments`` from ``recipe.train`` (see module docstring of
-    :mod:`orpo_core.training.run`). ``output_dir`` is ``out_dir/checkpoints``.
+    :mod:`orpo_core.training.run`). ``output_dir`` is ``out_dir/checkpoints``. ``bf16``/``fp16``
+    (from :func:`training_precision`) make Trainer (accelerate) run the model's forward under
+    ``torch.autocast`` in that dtype on CPU or CUDA, with the weights and optimizer states in
+    the dtype the model was loaded in (``model.dtype``; float32 for ``auto`` on CPU).
 
     Raises:
         TrainInputError: ``train.precision: fp16``/``bf16`` that the hardware cannot run.
@@ -171,9 +189,7 @@ def build_training_args(recipe: Recipe, out_dir: str | Path, has_eval: bool):
 
     t = recipe.train
     cuda = _cuda()
-    precision = t.precision
-    if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    precision, _ = training_precision(recipe)
     if precision == "fp16" and not cuda:
         raise TrainInputError("train.precision fp16 needs a CUDA GPU (use fp32 or bf16 on CPU)")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
@@ -248,7 +264,9 @@ def run_training(
         ``train_loss``, runtime...), ``eval`` (final ``eval_loss`` and ``eval_`` TRL
         metrics; empty without a test split), ``last_train_log`` (the last logged
         train metrics), ``global_step``, ``skipped_nonfinite``, ``resumed_from``,
-        ``num_train_pairs``, ``num_eval_pairs``, ``model`` (see
+        ``num_train_pairs``, ``num_eval_pairs``, ``precision`` (``setting``: the recipe's
+        ``train.precision``; ``used``: fp32/bf16/fp16; ``reason``; ``autocast``;
+        ``trainable_dtype``: dtype of the trained (master) weights), ``model`` (see
         :func:`orpo_core.models.loading.save_trained_model`).
 
     Raises:
@@ -296,6 +314,7 @@ def run_training(
     added_tokens = bool(stats["tokenizer"]["added_tokens"])
 
     args = build_training_args(recipe, out_dir, has_eval=eval_ds is not None)
+    logger.info("precision: %s (%s)", "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", training_precision(recipe)[1])
     is_main = args.process_index == 0
     ckpt_dir = Path(args.output_dir)
     signature = run_signature(recipe, stats)
@@ -365,6 +384,7 @@ def run_training(
         "fused_loss": trainer.use_fused,
         "padding_free": trainer.padding_free,
         "prompt_sharing": trainer.prompt_sharing,
+        "precision": _precision_record(recipe, trainer.args, trainer.model),
     }
     trainer.accelerator.wait_for_everyone()
     state_dict = None
@@ -378,6 +398,21 @@ def run_training(
         _write_json_atomic(out_dir / "metrics.json", result)
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+def _precision_record(recipe: Recipe, args, model) -> dict[str, Any]:
+    """What metrics.json says about precision: the recipe's setting, the precision used, why,
+    and the dtype of the trainable weights (the master weights under autocast)."""
+    _, reason = training_precision(recipe)
+    used = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.requires_grad})
+    return {
+        "setting": recipe.train.precision,
+        "used": used,
+        "reason": reason,
+        "autocast": used != "fp32",
+        "trainable_dtype": ",".join(dtypes),
+    }
 
 
 def _barrier(args) -> None:

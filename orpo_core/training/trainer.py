@@ -13,6 +13,11 @@ trl/experimental/orpo/orpo_trainer.py):
   On the first fused batch the trainer checks that ``lm_head(hidden[:, -1])`` equals the
   model's own last-position logits, so a model whose last hidden state is not the
   lm-head input fails loudly instead of training on wrong logits.
+* **Mixed precision** (``args.bf16`` / ``args.fp16``, see :mod:`orpo_core.training.precision`): the
+  model's forward runs under Trainer's (accelerate's) autocast over float32 master weights;
+  the fused loss, which runs after the forward, does its lm-head matmuls in the autocast dtype
+  (``matmul_dtype``) and keeps log-softmax, log-probs, ``log1mexp``, the odds ratio and its
+  accumulators in float32.
 * **Exact gradient accumulation**: :meth:`get_batch_samples` counts the chosen-row NLL
   tokens and the pairs of the whole accumulation window (summed over processes) and
   the loss of each micro-batch is ``sum / window_total`` (``nll_denominator`` /
@@ -326,6 +331,18 @@ class ORPOTrainer(Trainer):
         head = base.get_output_embeddings()
         return head.weight, getattr(head, "bias", None)
 
+    def _matmul_dtype(self, weight) -> torch.dtype | None:
+        """dtype of the fused loss's lm-head matmuls: the autocast dtype under bf16/fp16 mixed
+        precision (``args.bf16`` / ``args.fp16``) when the weight is float32 (the master copy),
+        else None (the weight's own dtype). Log-softmax and the ORPO terms stay float32."""
+        if weight.dtype != torch.float32:
+            return None
+        if self.args.bf16:
+            return torch.bfloat16
+        if self.args.fp16:
+            return torch.float16
+        return None
+
     def _check_fused(self, outputs, hidden, weight, bias) -> None:
         """Compare the model's logits with ``lm_head(hidden)`` on the last position (once)."""
         with torch.no_grad():
@@ -338,7 +355,8 @@ class ORPOTrainer(Trainer):
                 z = z * self._logit_scale
             if self._softcap is not None:
                 z = self._softcap * torch.tanh(z / self._softcap)
-            tol = 1e-3 if weight.dtype == torch.float32 else 3e-2
+            # under autocast the model's own logits come from a bf16/fp16 matmul
+            tol = 1e-3 if weight.dtype == torch.float32 and self._matmul_dtype(weight) is None else 3e-2
             scale = ref.abs().max().clamp(min=1.0)
             err = (ref - z).abs().max()
         if not bool(err <= tol * scale):
@@ -401,6 +419,7 @@ class ORPOTrainer(Trainer):
                 chunk_size=self.orpo.chunk_size,
                 logit_scale=self._logit_scale,
                 softcap=self._softcap,
+                matmul_dtype=self._matmul_dtype(weight),
                 **common,
             )
         else:
