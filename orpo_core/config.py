@@ -75,10 +75,19 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str | None = "sdpa"
-    chat_template: Literal["auto", "chatml", "model"] = Field(
-        "auto", description="auto: the tokenizer's template, or ChatML when it has none; chatml: always ChatML"
+    chat_template: str = Field(
+        "auto",
+        description="auto: the tokenizer's template, or ChatML when it has none; model: the tokenizer's own (required); "
+        "a named template (chatml, llama3, zephyr, mistral, gemma; orpo_core.chat_templates) or a path to a .jinja file",
     )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str) -> str:
+        from .chat_templates import validate_setting
+
+        return validate_setting(v)
 
     @property
     def is_tiny(self) -> bool:
