@@ -404,6 +404,18 @@ class HubConfig(_Strict):
     push: bool = Field(False, description="False: dry run, write the folder that would be uploaded")
     license: str = "apache-2.0"
     tags: list[str] = Field(default_factory=lambda: ["orpo", "trl-compatible", "alignment"])
+    gguf: list[str] = Field(
+        default_factory=list,
+        description="GGUF files for llama.cpp built into the Hub folder by the push stage (f32, f16, q8_0; "
+        "orpo_core.gguf_export); empty: none",
+    )
+
+    @field_validator("gguf")
+    @classmethod
+    def _gguf(cls, v: list[str]) -> list[str]:
+        from .gguf_export import parse_quantizations
+
+        return parse_quantizations(v)
 
     @field_validator("repo_id")
     @classmethod

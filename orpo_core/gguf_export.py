@@ -427,8 +427,9 @@ def export_run_model(
     its base first (:func:`orpo_core.modeling._merged_from_adapter`: the base reloaded
     unquantised, the adapter applied and merged), into a temporary folder removed afterwards.
     Files are named :func:`gguf_file_name` ``(recipe.run_name, type)``; metadata names the base
-    model (:func:`orpo_core.model_card.base_model_id`) and embeds the recipe
-    (:func:`orpo_core.model_card.recipe_yaml`, ``secrets`` stripped).
+    model (:func:`orpo_core.model_card.base_model_id`) and embed the recipe as YAML without its
+    ``hub`` section (publishing settings; secrets stripped by
+    :func:`orpo_core.model_card.strip_secrets`), so a changed ``hub`` setting does not change the files.
 
     Returns:
         one :func:`export_gguf` result per type, in the given order.
@@ -439,7 +440,9 @@ def export_run_model(
     import shutil
     import tempfile
 
-    from .model_card import base_model_id, recipe_yaml
+    import yaml
+
+    from .model_card import base_model_id, strip_secrets
 
     model_dir = Path(model_dir)
     out_dir = Path(out_dir)
@@ -465,7 +468,8 @@ def export_run_model(
             source = merged_tmp
             logger.info("LoRA adapter %s merged into its base for GGUF export", model_dir)
         base = base_model_id(recipe)
-        text = recipe_yaml(recipe, secrets)
+        trained = {k: v for k, v in recipe.to_dict().items() if k != "hub"}  # publishing settings are not the model's
+        text = yaml.safe_dump(strip_secrets(trained, secrets), sort_keys=False)
         out_dir.mkdir(parents=True, exist_ok=True)
         return [
             export_gguf(

@@ -80,6 +80,8 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     ),
     "train": ("model", "orpo", "train", "peft", "seed", "data.max_length", "data.max_prompt_length"),
     "evaluate": ("eval", "model", "seed", "orpo.beta", "data.max_length", "data.max_prompt_length"),
+    # the GGUF embeds the recipe (without its hub section) and names the base model
+    "export": ("run_name", "model", "data", "orpo", "train", "peft", "eval", "seed", "hub.license"),
 }
 
 # orpo_core source files (globs relative to the package) whose code each stage runs;
@@ -89,6 +91,11 @@ STAGE_CODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "tokenize": (("__init__.py", "config.py", "tiny.py", "model_sources.py", "chat.py", "data/**/*.py"), ()),
     "train": (("**/*.py",), ("evaluation/**", "hub.py", "model_card.py")),
     "evaluate": (("**/*.py", "lm_eval_tasks/**/*"), ("hub.py", "model_card.py")),
+    "export": (
+        ("__init__.py", "config.py", "gguf_export.py", "model_card.py", "modeling.py", "model_sources.py", "tiny.py",
+         "chat.py", "chat_templates.py", "data/tokenize.py"),
+        (),
+    ),
 }
 
 # files excluded from a stage folder's content hash (checkpoints are intermediate)
@@ -290,6 +297,10 @@ def stage_base_key(stage: str, inputs: Mapping[str, Any]) -> str:
         parts["inputs"] = _eval_inputs_fingerprint(recipe)
         parts["local_model"] = _local_model_fingerprint(recipe)
         parts["compare_base"] = bool(inputs.get("compare_base", True))
+    elif stage == "export":
+        parts["model"] = dir_fingerprint(inputs["model_dir"])
+        parts["quantizations"] = list(inputs["quantizations"])
+        parts["local_model"] = _local_model_fingerprint(recipe)  # the base an adapter is merged into
     return hash_obj(parts)
 
 
@@ -374,7 +385,7 @@ def _hash_from_stamps(p: Path, st: os.stat_result) -> str | None:
 # --------------------------------------------------------------------------- policy
 @dataclass
 class StageCachePolicy(CachePolicy):
-    """Prefect cache policy of one pipeline stage (``prepare``, ``tokenize``, ``train``, ``evaluate``).
+    """Prefect cache policy of one pipeline stage (``prepare``, ``tokenize``, ``train``, ``evaluate``, ``export``).
 
     ``compute_key`` returns the stamp's key when the output folder is intact
     and was produced under the same base key, else a fresh random key
