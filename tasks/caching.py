@@ -99,7 +99,8 @@ STAGE_CODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 # files excluded from a stage folder's content hash (checkpoints are intermediate)
-STAGE_EXCLUDES: dict[str, tuple[str, ...]] = {"train": ("checkpoints",)}
+# (tracking: the experiment trackers' local stores, which the evaluation appends to)
+STAGE_EXCLUDES: dict[str, tuple[str, ...]] = {"train": ("checkpoints", "tracking")}
 
 
 # --------------------------------------------------------------------------- hashing

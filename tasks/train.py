@@ -33,6 +33,7 @@ from .common import (
     json_safe,
     load_recipe_dict,
     make_progress_callback,
+    markdown_artifact,
     run_logger,
     stage_run,
     stats_rows,
@@ -81,7 +82,8 @@ def train_task(recipe: dict[str, Any], tokenized_dir: str, out_dir: str) -> dict
     """Train on ``tokenized_dir`` into ``out_dir`` (``<run>/train``).
 
     A progress artifact (``<run>-training-progress``) follows ``global_step / max_steps``
-    and the Trainer's log dicts go to the run logs. With ``train.distributed`` asking for
+    and the Trainer's log dicts go to the run logs. With ``train.report_to``, a markdown artifact
+    (``<run>-tracker-runs``) links each tracker's run (:mod:`orpo_core.trackers`). With ``train.distributed`` asking for
     several processes, :func:`orpo_core.distributed.train_distributed` runs ``accelerate
     launch`` and streams every rank's output lines to the run logs.
 
@@ -118,4 +120,10 @@ def train_task(recipe: dict[str, Any], tokenized_dir: str, out_dir: str) -> dict
             "resumed": resume,
         }
     table_artifact(stats_rows(metrics or {}), artifact_key(r.run_name, "train-metrics"), f"Final training metrics of {r.run_name}")
+    if r.train.report_to:  # link each tracker's run (train/trackers.json)
+        from orpo_core.trackers import read_tracker_runs, tracker_markdown
+
+        md = tracker_markdown(read_tracker_runs(out))
+        if md:
+            markdown_artifact(md, artifact_key(r.run_name, "tracker-runs"), f"Experiment-tracker runs of {r.run_name}")
     return {**box["result"], "content_hash": box["content_hash"]}
