@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.gguf_helpers import build_tiny_llama
+from gguf_helpers import build_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_ollama_template_reproduces_the_chat_template(name):
     """Substituting Ollama's variables in the Modelfile TEMPLATE gives the tokenizer's own rendering."""
     from orpo_core.chat_templates import NAMED_TEMPLATES, apply_chat_template_setting
     from orpo_core.model_card import ollama_template
-    from tests.gguf_helpers import build_bpe_tokenizer
+    from gguf_helpers import build_bpe_tokenizer
 
     tok = build_bpe_tokenizer()
     apply_chat_template_setting(tok, name)

@@ -25,7 +25,7 @@ from orpo_core.gguf_roundtrip import (
     logits_of,
     render_gguf_template,
 )
-from tests.gguf_helpers import TEXTS, build_tiny_llama
+from gguf_helpers import TEXTS, build_tiny_llama
 
 PROMPTS = [[{"role": "user", "content": t}] for t in TEXTS[:4]]
 # f16 weights: |w16 - w32| <= 2^-11 |w|; through 2 layers of this random model the logits move by
