@@ -34,7 +34,7 @@ from typing import Any
 from prefect import flow
 
 from flows.pipeline import PUBLISHED_RECORD, eval_metrics, load, run_folder, run_stage, write_published_record
-from tasks import evaluate_task, last_published_task, prepare_task, push_task, tokenize_task, train_task
+from tasks import evaluate_task, export_task, last_published_task, prepare_task, push_task, tokenize_task, train_task
 from tasks.common import artifact_key, fmt_value, json_safe, markdown_artifact, run_logger
 
 
@@ -177,6 +177,12 @@ def _retrain(r, out: Path, force: bool) -> dict[str, Any]:
     push = None
     action = "kept"
     if publish:
+        gguf_files = None
+        if r.hub.gguf:  # GGUF files shipped with the published model (orpo_core.gguf_export)
+            gguf_files = run_stage(
+                export_task, states, "export", recipe=d, model_dir=tr["model_dir"], out_dir=str(out / "export"),
+                quantizations=list(r.hub.gguf),
+            )["files"]
         push = run_stage(
             push_task,
             states,
@@ -186,6 +192,7 @@ def _retrain(r, out: Path, force: bool) -> dict[str, Any]:
             eval_json=ev["eval_json"],
             out_dir=str(out / "hub"),
             dry_run=not r.hub.push,
+            gguf_files=gguf_files,
         )
         if push.get("pushed"):
             write_published_record(out, r, ev["eval_json"], push)
