@@ -123,8 +123,9 @@ def _fail(e: BaseException) -> None:
     try:
         from orpo_core.evaluation.errors import EvalInputError
         from orpo_core.models.sources import ModelSourceError
+        from orpo_core.publish.gguf import GGUFExportError
 
-        bad_input += (EvalInputError, ModelSourceError)
+        bad_input += (EvalInputError, ModelSourceError, GGUFExportError)
     except ImportError:  # pragma: no cover
         pass
     code = 2 if isinstance(e, bad_input) else 1
@@ -358,6 +359,33 @@ def sweep(
         _ensure_free(r.out_dir / "sweep")
         start_ephemeral_server()
         result = ablation_sweep(recipe=recipe, grid=g, overrides=list(set_ or []), fan_out=fan_out)
+    except Exception as e:  # noqa: BLE001
+        _fail(e)
+    _print_json(result)
+
+
+@app.command()
+def export(
+    recipe: str = RecipeArg,
+    gguf: str = typer.Option(..., "--gguf", help="GGUF types, comma-separated: f32, f16, q8_0 (e.g. f16,q8_0)"),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Write the trained model as GGUF files for llama.cpp / Ollama into <run>/export (cached Prefect task)."""
+    _setup_env()
+    _load(recipe, set_)
+    from orpo_core.publish.gguf import GGUFExportError, parse_quantizations
+
+    try:
+        qs = parse_quantizations(gguf)
+    except GGUFExportError as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2) from None
+    from flows.ephemeral_server import start_ephemeral_server
+    from flows.pipeline import export_flow
+
+    try:
+        start_ephemeral_server()
+        result = export_flow(recipe=recipe, quantizations=qs, overrides=list(set_ or []))
     except Exception as e:  # noqa: BLE001
         _fail(e)
     _print_json(result)

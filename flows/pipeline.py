@@ -1,7 +1,8 @@
 """The ORPO pipeline flow and the push flow.
 
-``orpo_pipeline`` chains prepare -> tokenize -> train -> evaluate -> push
-(push = build the Hub folder; upload only when ``push`` / ``hub.push``). Every
+``orpo_pipeline`` chains prepare -> tokenize -> train -> evaluate -> [export] -> push
+(export = GGUF files for llama.cpp when ``hub.gguf`` lists types, shipped in the Hub folder;
+push = build the Hub folder; upload only when ``push`` / ``hub.push``). Every
 stage is a cached Prefect task (:mod:`tasks`), so rerunning the same recipe
 shows all stages as ``Cached`` and changing only ``orpo.beta`` reruns train and
 evaluate but not the data stages. Parameters are JSON-serializable (recipe
@@ -36,7 +37,7 @@ from flows.runs import (
     tag_flow_run,
     write_published_record,
 )
-from tasks import evaluate_task, prepare_task, push_task, tokenize_task, train_task
+from tasks import evaluate_task, export_task, prepare_task, push_task, tokenize_task, train_task
 from tasks.logs import run_logger
 
 KEY_METRICS = ("preference/accuracy", "preference/margin", "preference/log_odds", "perplexity/chosen", "perplexity/corpus")
@@ -146,6 +147,13 @@ def _pipeline_stages(r, d: dict[str, Any], out: Path, states: dict[str, str], pu
         tokenized_dir=tok["path"],
         out_dir=str(out / "eval"),
     )
+    gguf_files = None
+    if r.hub.gguf:
+        ex = run_stage(
+            export_task, states, "export", recipe=d, model_dir=tr["model_dir"], out_dir=str(out / "export"), quantizations=list(r.hub.gguf)
+        )
+        gguf_files = ex["files"]
+        result["paths"]["export"] = ex["path"]
     do_push = r.hub.push if push is None else bool(push)
     pu = run_stage(
         push_task,
@@ -156,6 +164,7 @@ def _pipeline_stages(r, d: dict[str, Any], out: Path, states: dict[str, str], pu
         eval_json=ev["eval_json"],
         out_dir=str(out / "hub"),
         dry_run=not do_push,
+        gguf_files=gguf_files,
     )
     if pu.get("pushed"):
         write_published_record(out, r, ev["eval_json"], pu)
@@ -172,6 +181,35 @@ def _pipeline_stages(r, d: dict[str, Any], out: Path, states: dict[str, str], pu
         push={k: pu.get(k) for k in ("repo_id", "revision", "dry_run", "pushed", "url")},
     )
     return json_safe(result)
+
+
+@flow(name="orpo-export", flow_run_name=flow_run_namer("export"), description="Write the trained model of a run as GGUF files for llama.cpp.")
+def export_flow(recipe: str, quantizations: list[str], overrides: list[str] | None = None) -> dict[str, Any]:
+    """Export ``<run>/train/model`` to ``<run>/export/<run_name>.<TYPE>.gguf`` (cached Prefect task).
+
+    Args:
+        quantizations: GGUF types (``f32``, ``f16``, ``q8_0``).
+
+    Returns:
+        ``{"stages": {"export": state}, "path", "files": [...]}``.
+
+    Raises:
+        orpo_core.publish.gguf.GGUFExportError: no trained model, unsupported architecture or type.
+    """
+    from orpo_core.publish.gguf import GGUFExportError, parse_quantizations
+
+    r = load(recipe, overrides)
+    out = r.out_dir
+    model_dir = out / "train" / "model"
+    if not model_dir.is_dir():
+        raise GGUFExportError(f"no trained model in {model_dir}: run `orpo train` or `orpo run` first")
+    qs = parse_quantizations(quantizations)
+    if not qs:
+        raise GGUFExportError("no GGUF type given (--gguf f16,q8_0)")
+    states: dict[str, str] = {}
+    with run_folder(out):
+        ex = run_stage(export_task, states, "export", recipe=r.to_dict(), model_dir=str(model_dir), out_dir=str(out / "export"), quantizations=qs)
+    return json_safe({**ex, "stages": states})
 
 
 @flow(name="orpo-push", flow_run_name=flow_run_namer("push"), description="Build the Hub folder of a trained run and upload it (or dry run).")
@@ -199,6 +237,13 @@ def push_flow(recipe: str, overrides: list[str] | None = None, dry_run: bool | N
         eval_json = out / "eval" / "eval.json"
         dry = (not r.hub.push) if dry_run is None else bool(dry_run)
         states: dict[str, str] = {}
+        gguf_files = None
+        if r.hub.gguf:
+            ex = run_stage(
+                export_task, states, "export", recipe=r.to_dict(), model_dir=str(model_dir), out_dir=str(out / "export"),
+                quantizations=list(r.hub.gguf),
+            )
+            gguf_files = ex["files"]
         pu = run_stage(
             push_task,
             states,
@@ -208,6 +253,7 @@ def push_flow(recipe: str, overrides: list[str] | None = None, dry_run: bool | N
             eval_json=str(eval_json) if eval_json.is_file() else None,
             out_dir=str(out / "hub"),
             dry_run=dry,
+            gguf_files=gguf_files,
         )
         if pu.get("pushed"):
             write_published_record(out, r, str(eval_json) if eval_json.is_file() else None, pu)

@@ -33,7 +33,7 @@ from typing import Any
 from prefect import flow
 
 from flows.runs import PUBLISHED_RECORD, eval_metrics, flow_run_namer, load, run_folder, run_stage, tag_flow_run, write_published_record
-from tasks import evaluate_task, last_published_task, prepare_task, push_task, tokenize_task, train_task
+from tasks import evaluate_task, export_task, last_published_task, prepare_task, push_task, tokenize_task, train_task
 from orpo_core.io import atomic_write_json, fmt_value, json_safe
 from tasks.artifacts import artifact_key, markdown_artifact
 from tasks.logs import run_logger
@@ -176,6 +176,12 @@ def _retrain(r, out: Path, force: bool) -> dict[str, Any]:
     push = None
     action = "kept"
     if publish:
+        gguf_files = None
+        if r.hub.gguf:  # GGUF files shipped with the published model (orpo_core.publish.gguf)
+            gguf_files = run_stage(
+                export_task, states, "export", recipe=d, model_dir=tr["model_dir"], out_dir=str(out / "export"),
+                quantizations=list(r.hub.gguf),
+            )["files"]
         push = run_stage(
             push_task,
             states,
@@ -185,6 +191,7 @@ def _retrain(r, out: Path, force: bool) -> dict[str, Any]:
             eval_json=ev["eval_json"],
             out_dir=str(out / "hub"),
             dry_run=not r.hub.push,
+            gguf_files=gguf_files,
         )
         if push.get("pushed"):
             write_published_record(out, r, ev["eval_json"], push)

@@ -114,10 +114,19 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str | None = "sdpa"
-    chat_template: Literal["auto", "chatml", "model"] = Field(
-        "auto", description="auto: the tokenizer's template, or ChatML when it has none; chatml: always ChatML"
+    chat_template: str = Field(
+        "auto",
+        description="auto: the tokenizer's template, or ChatML when it has none; model: the tokenizer's own (required); "
+        "a named template (chatml, llama3, zephyr, mistral, gemma; orpo_core.models.chat_templates) or a path to a .jinja file",
     )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str) -> str:
+        from .chat_templates import validate_setting
+
+        return validate_setting(v)
 
     @property
     def is_tiny(self) -> bool:
@@ -438,6 +447,18 @@ class HubConfig(_Strict):
     push: bool = Field(False, description="False: dry run, write the folder that would be uploaded")
     license: str = "apache-2.0"
     tags: list[str] = Field(default_factory=lambda: ["orpo", "trl-compatible", "alignment"])
+    gguf: list[str] = Field(
+        default_factory=list,
+        description="GGUF files for llama.cpp built into the Hub folder by the push stage (f32, f16, q8_0; "
+        "orpo_core.publish.gguf); empty: none",
+    )
+
+    @field_validator("gguf")
+    @classmethod
+    def _gguf(cls, v: list[str]) -> list[str]:
+        from .gguf_export import parse_quantizations
+
+        return parse_quantizations(v)
 
     @field_validator("repo_id")
     @classmethod

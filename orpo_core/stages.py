@@ -8,7 +8,7 @@ is checked against exactly the fields that key covers.
 
 Code is given as paths relative to the ``orpo_core`` package: a folder covers every file under it
 (``*.py`` and data files such as lm-eval task YAMLs); :data:`COMMON_CODE` is part of every stage.
-A stage's *own* folders (``data`` for prepare, ``training`` for train, ``evaluation`` for evaluate)
+A stage's *own* folders (``data`` for prepare, ``training`` for train, ``evaluation`` for evaluate, ``publish`` for export)
 belong to no other stage, so adding or moving a module there changes that stage's key alone.
 """
 
@@ -25,7 +25,7 @@ class Stage:
     """One cached stage.
 
     Attributes:
-        name: ``prepare``, ``tokenize``, ``train`` or ``evaluate``.
+        name: ``prepare``, ``tokenize``, ``train``, ``evaluate`` or ``export``.
         fields: recipe fields the stage reads, as ``"section"`` or ``"section.key"``.
         code: ``orpo_core`` paths (folders or files) whose code the stage runs.
         exclude: paths under ``code`` that belong to another stage.
@@ -72,6 +72,12 @@ STAGES: dict[str, Stage] = {
             "evaluate",
             fields=("eval", "model", "seed", "orpo.beta", "data.max_length", "data.max_prompt_length"),
             code=("evaluation", "models", "training/loss.py", "data/synthetic"),
+        ),
+        Stage(
+            "export",
+            # the GGUF embeds the recipe (without its hub section) and names the base model
+            fields=("run_name", "model", "data", "orpo", "train", "peft", "eval", "seed", "hub.license"),
+            code=("publish", "models", "data/tokenize.py"),
         ),
     )
 }

@@ -35,7 +35,9 @@ def evaluate_task(
 
     The base model (``recipe.model`` resolved with ``orpo_core.models.sources.resolve_model_path``
     under the run folder) is evaluated too when ``compare_base`` and ``eval.compare_base``.
-    ``log_history.json`` next to the model folder feeds the training curves.
+    ``log_history.json`` next to the model folder feeds the training curves. With
+    ``train.report_to``, the trained model's metrics are logged to the training's tracker runs
+    (``train/trackers.json``, :func:`orpo_core.training.trackers.log_evaluation_metrics`).
 
     Returns:
         ``{"stage": "evaluate", "path": out_dir, "eval_json": ..., "eval_md": ...,
@@ -67,6 +69,14 @@ def evaluate_task(
         )
         eval_json = Path(out_dir) / "eval.json"
         data = json.loads(eval_json.read_text(encoding="utf-8"))
+        if r.train.report_to:  # the evaluation joins the training's tracker runs
+            from orpo_core.evaluation.results import extract_metrics, pick_label
+            from orpo_core.training.trackers import log_evaluation_metrics
+
+            metrics = extract_metrics(data)
+            label = pick_label(metrics, "trained")
+            if label is not None:
+                log_evaluation_metrics(Path(model_dir).parent, {k: m.value for k, m in metrics[label].items()})
         box["result"] = {
             "stage": "evaluate",
             "path": str(out_dir),

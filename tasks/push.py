@@ -121,8 +121,11 @@ def push_task(
     eval_json: str | None,
     out_dir: str,
     dry_run: bool = True,
+    gguf_files: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Build ``out_dir`` (``<run>/hub``) from the trained model and, unless ``dry_run``, upload it.
+
+    ``gguf_files``: the export stage's files (``hub.gguf``), shipped in the folder and listed in the card.
 
     Returns:
         ``{"stage": "push", "folder", "repo_id", "revision", "dry_run", "pushed", "url", "files"}``
@@ -144,7 +147,9 @@ def push_task(
     token = None if dry_run else resolve_hf_token()
     secrets = (token,) if token else ()
     with redact_logs(token):
-        folder = build_hub_folder(r, Path(model_dir), Path(eval_json) if eval_json else None, Path(out_dir), secrets=secrets)
+        folder = build_hub_folder(
+            r, Path(model_dir), Path(eval_json) if eval_json else None, Path(out_dir), secrets=secrets, gguf_files=gguf_files or ()
+        )
         from orpo_core.publish.card import card_for_ui
 
         card = (folder / "README.md").read_text(encoding="utf-8")

@@ -19,6 +19,7 @@ from prefect import task
 from orpo_core.io import json_safe
 from orpo_core.runs.cache import stage_base_key
 from orpo_core.runs.resume import resume_decision, training_marker
+from .artifacts import markdown_artifact
 
 from .artifacts import artifact_key, table_artifact, with_point
 from .logs import run_logger
@@ -32,7 +33,8 @@ def train_task(recipe: dict[str, Any], tokenized_dir: str, out_dir: str) -> dict
     """Train on ``tokenized_dir`` into ``out_dir`` (``<run>/train``).
 
     A progress artifact (``<run>-training-progress``) follows ``global_step / max_steps``
-    and the Trainer's log dicts go to the run logs. With ``train.distributed`` asking for
+    and the Trainer's log dicts go to the run logs. With ``train.report_to``, a markdown artifact
+    (``<run>-tracker-runs``) links each tracker's run (:mod:`orpo_core.training.trackers`). With ``train.distributed`` asking for
     several processes, :func:`orpo_core.training.launch.train_distributed` runs ``accelerate
     launch`` and streams every rank's output lines to the run logs.
 
@@ -72,4 +74,10 @@ def train_task(recipe: dict[str, Any], tokenized_dir: str, out_dir: str) -> dict
     from .ui import train_metrics_rows
 
     table_artifact(train_metrics_rows(metrics), artifact_key(r.run_name, "train-metrics"), f"Final training metrics of {r.run_name}")
+    if r.train.report_to:  # link each tracker's run (train/trackers.json)
+        from orpo_core.training.trackers import read_tracker_runs, tracker_markdown
+
+        md = tracker_markdown(read_tracker_runs(out))
+        if md:
+            markdown_artifact(md, artifact_key(r.run_name, "tracker-runs"), f"Experiment-tracker runs of {r.run_name}")
     return {**box["result"], "content_hash": box["content_hash"]}

@@ -184,7 +184,7 @@ def test_model_card_and_artifact_rows_show_the_choice(tmp_path):
     from orpo_train_entry import make_recipe
 
     from orpo_core.publish.card import build_model_card, hyperparameter_rows
-    from tasks.common import stats_rows
+    from tasks.artifacts import stats_rows
 
     rec = make_recipe(tmp_path / "r")
     record = {"setting": "auto", "used": "bf16", "reason": "auto: CPU has avx512_bf16/amx_bf16 (native bf16 dot products)",

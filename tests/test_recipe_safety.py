@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from orpo_core.config import RecipeError, load_recipe
 

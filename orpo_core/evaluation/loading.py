@@ -169,7 +169,9 @@ def load_model_tokenizer(source: ModelSource, *, chat_template: str = "auto", tr
     The chat template follows ``model.chat_template`` as in tokenization
     (:func:`orpo_core.models.chat.load_tokenizer`): ``auto`` keeps the model's template and gives
     ChatML to a tokenizer without one, ``chatml`` always ChatML, ``model`` requires the model's
-    own. The pad token defaults to the eos token.
+    own, another named template or a ``.jinja`` file is installed
+    (:func:`orpo_core.models.chat_templates.apply_chat_template_setting`). The pad token defaults to
+    the eos token.
 
     Raises:
         EvalInputError: the tokenizer cannot be loaded, or ``chat_template: model`` without one.
@@ -187,8 +189,15 @@ def load_model_tokenizer(source: ModelSource, *, chat_template: str = "auto", tr
         raise EvalInputError(f"cannot load the tokenizer of {source.name_or_path!r}: {e}") from None
     if chat_template == "model" and not has_chat_template(tok):
         raise EvalInputError(f"tokenizer of {source.name_or_path!r} has no chat template (model.chat_template: model)")
-    if chat_template == "chatml" or not has_chat_template(tok):
+    if chat_template == "chatml" or (chat_template == "auto" and not has_chat_template(tok)):
         setup_chat_format(tok, overwrite=True)
+    elif chat_template not in ("auto", "model"):
+        from orpo_core.models.chat_templates import ChatTemplateError, apply_chat_template_setting
+
+        try:
+            apply_chat_template_setting(tok, chat_template)
+        except ChatTemplateError as e:
+            raise EvalInputError(f"model.chat_template: {e}") from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

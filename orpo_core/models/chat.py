@@ -111,7 +111,10 @@ def load_tokenizer(model_cfg: Any, work_dir: str | Path, seed: int = 0) -> tuple
 
     * ``auto``: keep the tokenizer's template; add ChatML (:func:`setup_chat_format`) when it has none;
     * ``chatml``: always ChatML (replaces the tokenizer's template);
-    * ``model``: the tokenizer's own template is required.
+    * ``model``: the tokenizer's own template is required;
+    * another name of :data:`orpo_core.models.chat_templates.NAMED_TEMPLATES` (``llama3``, ``zephyr``,
+      ``mistral``, ``gemma``) or a ``.jinja`` file: that template
+      (:func:`orpo_core.models.chat_templates.apply_chat_template_setting`, adding its control tokens).
 
     When the tokenizer still has no pad token, ``pad_token = eos_token``.
 
@@ -121,14 +124,14 @@ def load_tokenizer(model_cfg: Any, work_dir: str | Path, seed: int = 0) -> tuple
         seed: seed of the tiny model (``recipe.seed``).
 
     Returns:
-        ``(tokenizer, added_tokens)``; ``added_tokens`` is True when ChatML tokens were
+        ``(tokenizer, added_tokens)``; ``added_tokens`` is True when the chat format's tokens were
         added, so the model's embeddings must be resized to ``len(tokenizer)``.
 
     Raises:
         TokenizerLoadError: a local path that does not exist, a Hub id that cannot be
             loaded (unknown, gated, offline without cache), ``chat_template: model``
-            with a tokenizer that has no template, or a tokenizer with neither pad nor
-            eos token. The message names the path or id.
+            with a tokenizer that has no template, a template file that cannot be read, or a
+            tokenizer with neither pad nor eos token. The message names the path or id.
     """
     from transformers import AutoTokenizer
 
@@ -163,9 +166,17 @@ def load_tokenizer(model_cfg: Any, work_dir: str | Path, seed: int = 0) -> tuple
                 f"tokenizer {what} has no chat template but the recipe sets model.chat_template: model "
                 "(use 'auto' to add ChatML to a base model)"
             )
-    elif mode == "chatml" or not has_chat_template(tok):
+    elif mode == "chatml" or (mode == "auto" and not has_chat_template(tok)):
         added = setup_chat_format(tok, overwrite=True)
         log.info("ChatML chat format set on %s (%s tokens added)", what, "new" if added else "no new")
+    elif mode != "auto":
+        from orpo_core.models.chat_templates import ChatTemplateError, apply_chat_template_setting
+
+        try:
+            added = apply_chat_template_setting(tok, mode)
+        except ChatTemplateError as e:
+            raise TokenizerLoadError(f"model.chat_template: {e}") from None
+        log.info("chat template %s set on %s (%s tokens added)", mode, what, "new" if added else "no new")
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise TokenizerLoadError(f"tokenizer {what} has neither a pad token nor an eos token")

@@ -264,6 +264,81 @@ def _eval_results(recipe: Recipe, eval_data: Mapping[str, Any] | None, model_nam
     return out
 
 
+def ollama_template(chat_template: str, *, bos_token: str | None, eos_token: str | None) -> tuple[str, bool]:
+    """A single-turn Ollama ``Modelfile`` ``TEMPLATE`` (Go template) made by rendering ``chat_template``.
+
+    The chat template is rendered (sandboxed Jinja, as transformers) for a system message
+    ``{{ .System }}`` and a user message ``{{ .Prompt }}`` with the generation prompt; the
+    placeholders survive as Ollama's variables and ``{{ .Response }}`` + ``eos_token`` closes
+    the turn. Templates that refuse a system message (Mistral, Gemma) are rendered with the user
+    message only.
+
+    Returns:
+        ``(template, has_system)``: substituting ``.System`` / ``.Prompt`` in the template gives
+        exactly ``apply_chat_template([system, user], add_generation_prompt=True)`` (or the
+        user-only rendering when ``has_system`` is False), followed by the answer and eos.
+    """
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    tpl = env.from_string(chat_template)
+    extra = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
+    user = {"role": "user", "content": "{{ .Prompt }}"}
+    try:
+        text = tpl.render(messages=[{"role": "system", "content": "{{ .System }}"}, user], add_generation_prompt=True, **extra)
+        has_system = "{{ .System }}" in text
+    except ValueError:
+        text, has_system = tpl.render(messages=[user], add_generation_prompt=True, **extra), False
+    return text + "{{ .Response }}" + (eos_token or ""), has_system
+
+
+def gguf_section(gguf_files: Iterable[Mapping[str, Any]], repo: str, chat_template: str | None, bos_token: str | None, eos_token: str | None) -> str:
+    """The model card's GGUF section: one table row per file (file, type, size in MB, sha256
+    prefix) and usage snippets for llama.cpp's CLI and an Ollama ``Modelfile`` whose
+    ``TEMPLATE`` is :func:`ollama_template` of the model's chat template ("" without files)."""
+    files = list(gguf_files)
+    if not files:
+        return ""
+    rows = "\n".join(
+        f"| `{f['file']}` | {str(f['quantization']).upper()} | {f['size'] / 1e6:.1f} MB | `{str(f.get('sha256', ''))[:16]}` |" for f in files
+    )
+    first = files[-1]["file"]
+    modelfile = f"FROM ./{first}\n"
+    if chat_template:
+        tpl, _ = ollama_template(chat_template, bos_token=bos_token, eos_token=eos_token)
+        modelfile += f'TEMPLATE """{tpl}"""\n'
+    if eos_token:
+        modelfile += f'PARAMETER stop "{eos_token}"\n'
+    return f"""
+## GGUF files (llama.cpp, Ollama)
+
+Exported with llama.cpp's `gguf` package (`orpo export RECIPE --gguf ...`); each file carries the
+tokenizer, the chat template (`tokenizer.chat_template`), the base model and the training recipe.
+
+| file | type | size | sha256 |
+|---|---|---:|---|
+{rows}
+
+llama.cpp (the chat template is read from the file):
+
+```bash
+llama-cli -m {first} -cnv -p "You are a helpful assistant."
+# or straight from the Hub
+llama-cli -hf {repo}:{str(files[-1]['quantization']).upper()} -cnv
+```
+
+Ollama `Modelfile` (then `ollama create {repo.split('/')[-1].lower()} -f Modelfile && ollama run {repo.split('/')[-1].lower()}`):
+
+```
+{modelfile.rstrip()}
+```
+"""
+
+
 def build_model_card(
     recipe: Recipe,
     eval_data: Mapping[str, Any] | None = None,
@@ -273,6 +348,10 @@ def build_model_card(
     adapter_only: bool = False,
     has_curves: bool = False,
     secrets: Iterable[str] = (),
+    gguf_files: Iterable[Mapping[str, Any]] = (),
+    chat_template: str | None = None,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
 ):
     """Build the :class:`huggingface_hub.ModelCard` of a trained model.
 
@@ -285,6 +364,10 @@ def build_model_card(
         adapter_only: the folder holds a LoRA adapter instead of full weights.
         has_curves: a ``training_curves.png`` is shipped next to the card.
         secrets: exact strings that must never appear (redacted if found).
+        gguf_files: exported GGUF files shipped next to the card (:func:`orpo_core.publish.gguf.export_gguf`
+            results: ``file``, ``quantization``, ``size``, ``sha256``): listed with usage snippets
+            (:func:`gguf_section`); ``gguf`` is added to the tags.
+        chat_template, bos_token, eos_token: the tokenizer's, for the Ollama ``Modelfile``.
 
     Returns:
         ``ModelCard`` whose ``str()`` is the README.md text (YAML front matter + body).
@@ -296,6 +379,9 @@ def build_model_card(
     base = base_model_id(recipe)
     datasets = hub_datasets(recipe)
     extra_tags = ["peft", recipe.peft.method] if recipe.peft.method != "none" else []
+    gguf_files = list(gguf_files)
+    if gguf_files:
+        extra_tags.append("gguf")
     tags = list(dict.fromkeys(["orpo", *recipe.hub.tags, *extra_tags]))
     data = ModelCardData(
         base_model=base,
@@ -377,7 +463,7 @@ inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, ret
 out = model.generate(**inputs, max_new_tokens=64)
 print(tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
-
+{gguf_section(gguf_files, repo, chat_template, bos_token, eos_token)}
 ## Training recipe
 
 The complete recipe this model was trained with (`orpo run <recipe.yaml>`; secrets removed):

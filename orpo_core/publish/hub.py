@@ -6,7 +6,8 @@ Two steps, so that a dry run produces exactly what would be uploaded:
    safetensors weights (or LoRA adapter) and configs, the tokenizer files with
    the chat template, ``README.md`` (the model card, see
    :mod:`orpo_core.publish.card`), ``orpo_recipe.yaml`` (secrets stripped),
-   ``eval_results.json`` and ``training_curves.png`` when present. Files are
+   ``eval_results.json`` and ``training_curves.png`` when present, and the GGUF exports
+   (``hub.gguf``, :mod:`orpo_core.publish.gguf`). Files are
    hard-linked when possible (no copy of multi-GB weights), copied otherwise.
    The folder is built in a temp folder next to ``out_dir`` and renamed into
    place, so it is never half written.
@@ -28,7 +29,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from huggingface_hub import HfApi
 
@@ -135,6 +136,7 @@ def build_hub_folder(
     *,
     train_metrics: str | Path | Mapping[str, Any] | None = None,
     secrets: tuple[str, ...] = (),
+    gguf_files: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
     """Assemble the folder uploaded to the Hub, replacing ``out_dir`` atomically.
 
@@ -147,12 +149,15 @@ def build_hub_folder(
         train_metrics: ``train/metrics.json`` path or dict (final losses in the card);
             default: ``model_dir/../metrics.json`` when present.
         secrets: exact strings (e.g. the token) that must not appear in any file.
+        gguf_files: GGUF exports to ship (:func:`orpo_core.publish.gguf.export_gguf` results with
+            ``path``, ``file``, ``quantization``, ``size``, ``sha256``): hard-linked into the folder
+            and listed in the model card with usage snippets.
 
     Returns:
         ``out_dir`` as a Path.
 
     Raises:
-        HubError: missing model files or malformed eval.json.
+        HubError: missing model files or GGUF files, malformed eval.json.
     """
     from orpo_core.publish.card import build_model_card, recipe_yaml
 
@@ -168,11 +173,24 @@ def build_hub_folder(
     curves = eval_path.parent / "curves.png" if eval_path is not None else None
     has_curves = bool(curves and curves.is_file())
     adapter_only = (model_dir / "adapter_config.json").is_file() and not (model_dir / "config.json").is_file()
+    ggufs = [dict(g) for g in gguf_files]
+    for g in ggufs:
+        if not Path(g["path"]).is_file():
+            raise HubError(f"GGUF file {g['path']} does not exist (run the export stage first)")
+    template_kw: dict[str, Any] = {}
+    if ggufs:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        template = tok.chat_template if isinstance(tok.chat_template, str) else None
+        template_kw = {"chat_template": template, "bos_token": tok.bos_token, "eos_token": tok.eos_token}
 
     tmp = make_owned_temp_dir(out_dir)  # 0755 (not mkdtemp's 0700): readable by whoever shares the run folder
     try:
         for f in files:
             _link_or_copy(f, tmp / f.name)
+        for g in ggufs:
+            _link_or_copy(Path(g["path"]), tmp / Path(g["path"]).name)
         card = build_model_card(
             recipe,
             eval_data,
@@ -181,6 +199,8 @@ def build_hub_folder(
             adapter_only=adapter_only,
             has_curves=has_curves,
             secrets=secrets,
+            gguf_files=[{**g, "file": Path(g["path"]).name} for g in ggufs],
+            **template_kw,
         )
         (tmp / CARD_NAME).write_text(str(card), encoding="utf-8")
         (tmp / RECIPE_NAME).write_text(recipe_yaml(recipe, secrets), encoding="utf-8")

@@ -14,7 +14,7 @@ it produced is still on disk, unmodified. :class:`StageCachePolicy` (a Prefect 3
     unpinned Hub source is re-read at least once per bucket), for the other
     stages the content hash of the upstream stage's output folder
     (:func:`dir_fingerprint`), plus files the stage reads: a local model or
-    tokenizer folder (tokenize, train, evaluate), the training log
+    tokenizer folder and a ``.jinja`` chat-template file (tokenize, train, evaluate), the training log
     ``train/log_history.json`` that evaluation plots, the eval corpus and the
     lm-eval task files,
   * the code version: ``orpo_core.__version__`` and a sha256 of the
@@ -59,7 +59,8 @@ INPROGRESS_NAME = ".stage-inprogress.json"
 _ORPO_ROOT = Path(__file__).resolve().parent.parent
 
 # files excluded from a stage folder's content hash (checkpoints are intermediate)
-STAGE_EXCLUDES: dict[str, tuple[str, ...]] = {"train": ("checkpoints",)}
+# (tracking: the experiment trackers' local stores, which the evaluation appends to)
+STAGE_EXCLUDES: dict[str, tuple[str, ...]] = {"train": ("checkpoints", "tracking")}
 
 
 # --------------------------------------------------------------------------- hashing
@@ -213,6 +214,9 @@ def _local_model_fingerprint(recipe: Mapping[str, Any]) -> dict[str, str]:
         value = model.get(field)
         if value and value != "tiny" and not str(value).startswith("tiny:") and Path(str(value)).expanduser().exists():
             out[field] = dir_fingerprint(Path(str(value)).expanduser())
+    template = str(model.get("chat_template") or "")
+    if template.lower().endswith(".jinja") and Path(template).expanduser().is_file():
+        out["chat_template"] = dir_fingerprint(Path(template).expanduser())  # a template file's text, not its name
     return out
 
 
@@ -252,6 +256,10 @@ def stage_base_key(stage: str, inputs: Mapping[str, Any]) -> str:
         parts["inputs"] = _eval_inputs_fingerprint(recipe)
         parts["local_model"] = _local_model_fingerprint(recipe)
         parts["compare_base"] = bool(inputs.get("compare_base", True))
+    elif stage == "export":
+        parts["model"] = dir_fingerprint(inputs["model_dir"])
+        parts["quantizations"] = list(inputs["quantizations"])
+        parts["local_model"] = _local_model_fingerprint(recipe)  # the base an adapter is merged into
     return hash_obj(parts)
 
 

@@ -19,6 +19,7 @@ process trains its shard of each batch, process 0 writes the files.
 
 from __future__ import annotations
 
+
 import json
 import logging
 import os
@@ -236,6 +237,10 @@ def build_training_args(recipe: Recipe, out_dir: str | Path, has_eval: bool):
         push_to_hub=False,
         hub_token=None,
     )
+    if t.report_to:  # run name (and trackio's local project) for the trackers (orpo_core.training.trackers)
+        from .trackers import training_args_kwargs
+
+        kwargs.update(training_args_kwargs(list(t.report_to), recipe.run_name))
     return TrainingArguments(**kwargs)
 
 
@@ -349,26 +354,31 @@ def run_training(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collator = ORPODataCollator(pad_token_id=pad_id, pad_to_multiple_of=pad_multiple)
 
-    trainer = ORPOTrainer(
-        model=model,
-        args=args,
-        orpo=recipe.orpo,
-        group_by_length=recipe.train.group_by_length,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=list(callbacks or []),
-    )
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
-    eval_metrics: dict[str, float] = {}
-    if eval_ds is not None:
-        last = [r for r in trainer.state.log_history if "eval_loss" in r]
-        if last and last[-1].get("step") == trainer.state.global_step:
-            # evaluated at the final step already (eval_steps): reuse instead of a second pass
-            eval_metrics = {k: v for k, v in last[-1].items() if k != "step"}
-        else:
-            eval_metrics = dict(trainer.evaluate())
+    from .trackers import offline_tracking_env, record_tracker_runs
+
+    report_to = list(recipe.train.report_to or [])
+    # the tracker environment (local stores under out_dir/tracking) is process-wide: set for training only
+    with offline_tracking_env(report_to, out_dir, recipe.run_name) as tracker_env:
+        trainer = ORPOTrainer(
+            model=model,
+            args=args,
+            orpo=recipe.orpo,
+            group_by_length=recipe.train.group_by_length,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            data_collator=collator,
+            processing_class=tokenizer,
+            callbacks=list(callbacks or []),
+        )
+        train_result = trainer.train(resume_from_checkpoint=resume_from)
+        eval_metrics: dict[str, float] = {}
+        if eval_ds is not None:
+            last = [r for r in trainer.state.log_history if "eval_loss" in r]
+            if last and last[-1].get("step") == trainer.state.global_step:
+                # evaluated at the final step already (eval_steps): reuse instead of a second pass
+                eval_metrics = {k: v for k, v in last[-1].items() if k != "step"}
+            else:
+                eval_metrics = dict(trainer.evaluate())
 
     train_logs = [r for r in trainer.state.log_history if "loss" in r]
     result: dict[str, Any] = {
@@ -395,6 +405,8 @@ def run_training(
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         result["model"] = save_trained_model(unwrapped, tokenizer, recipe, out_dir, work_dir=recipe.out_dir, state_dict=state_dict)
         _write_json_atomic(out_dir / "log_history.json", trainer.state.log_history)
+        if report_to:  # where each tracker logged this run (trackers.json, shown by the train task)
+            result["trackers"] = record_tracker_runs(report_to, out_dir, recipe.run_name, tracker_env)
         _write_json_atomic(out_dir / "metrics.json", result)
     trainer.accelerator.wait_for_everyone()
     return result
