@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         render_gguf_template,
     )
     from orpo_core.publish.card import base_model_id
-    from orpo_core.models.tiny import resolve_model_path
+    from orpo_core.models.sources import resolve_model_path
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     recipe = load_recipe(args.recipe)

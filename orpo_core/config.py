@@ -35,6 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 SHARED_DIR = Path(os.environ.get("ORPO_SHARED_DIR", Path(__file__).resolve().parent.parent.parent / "shared"))
 
 
+#: names of ``model.chat_template`` (their templates: :mod:`orpo_core.models.chat_templates`)
+CHAT_TEMPLATE_NAMES = ("chatml", "llama3", "zephyr", "mistral", "gemma")
+#: GGUF types of ``hub.gguf`` / ``orpo export --gguf`` (lower case, llama.cpp's names; :mod:`orpo_core.publish.gguf`)
+GGUF_TYPES = ("f32", "f16", "q8_0")
+
+
 class RecipeError(ValueError):
     """A recipe file or override is malformed (message names file and key)."""
 
@@ -124,9 +130,15 @@ class ModelConfig(_Strict):
     @field_validator("chat_template")
     @classmethod
     def _chat_template(cls, v: str) -> str:
-        from .chat_templates import validate_setting
-
-        return validate_setting(v)
+        if v in ("auto", "model") or v in CHAT_TEMPLATE_NAMES:
+            return v
+        if v.lower().endswith(".jinja"):
+            if not Path(v).expanduser().is_file():
+                raise ValueError(f"chat template file {v!r} not found")
+            return v
+        raise ValueError(
+            f"unknown chat template {v!r}: expected auto, model, one of {', '.join(CHAT_TEMPLATE_NAMES)}, or a path to a .jinja file"
+        )
 
     @property
     def is_tiny(self) -> bool:
@@ -456,9 +468,14 @@ class HubConfig(_Strict):
     @field_validator("gguf")
     @classmethod
     def _gguf(cls, v: list[str]) -> list[str]:
-        from .gguf_export import parse_quantizations
-
-        return parse_quantizations(v)
+        out: list[str] = []
+        for raw in v:
+            q = str(raw).strip().lower()
+            if q not in GGUF_TYPES:
+                raise ValueError(f"unknown GGUF type {raw!r}: expected one of {', '.join(GGUF_TYPES)}")
+            if q not in out:
+                out.append(q)
+        return out
 
     @field_validator("repo_id")
     @classmethod

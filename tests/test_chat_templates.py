@@ -146,3 +146,10 @@ def test_broken_jinja_file_names_file_and_line(tmp_path):
     bad.write_text("{% for m in messages %}\n{{ m['content'] }\n", encoding="utf-8")
     with pytest.raises(ChatTemplateError, match=r"bad.jinja', line 2"):
         apply_chat_template_setting(_bos_tokenizer(), str(bad))
+
+
+def test_recipe_names_are_the_named_templates():
+    from orpo_core.config import CHAT_TEMPLATE_NAMES
+    from orpo_core.models.chat_templates import NAMED_TEMPLATES
+
+    assert tuple(NAMED_TEMPLATES) == CHAT_TEMPLATE_NAMES

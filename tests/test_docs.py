@@ -175,14 +175,14 @@ def test_backticked_module_names_exist():
 
 def test_path_checks_catch_stale_names():
     """The checks above would fail on the names that the layout change retired."""
-    assert _repo_paths("orpo_core/training/fused.py, flows/pipeline.py:orpo_pipeline") == ["orpo_core/training/fused.py", "flows/pipeline.py"]
-    assert not (ROOT / "orpo_core/training/fused.py").exists() and (ROOT / "orpo_core/training/fused.py").is_file()
+    assert _repo_paths("orpo_core/fused.py, flows/pipeline.py:orpo_pipeline") == ["orpo_core/fused.py", "flows/pipeline.py"]
+    assert not (ROOT / "orpo_core/fused.py").exists() and (ROOT / "orpo_core/training/fused.py").is_file()
     assert _repo_paths("tests/test_prefect_server.py::test_scheduler_creates_retrain_runs") == ["tests/test_prefect_server.py"]
     assert _repo_paths("sweep/<point>/…") == [] and _repo_paths("data/{train,test}.parquet") == []
     assert dotted_name_exists("orpo_core.training.loss")
     assert dotted_name_exists("orpo_core.evaluation.results.extract_metrics")
     assert dotted_name_exists("flows.pipeline.orpo_pipeline")
-    assert not dotted_name_exists("orpo_core.publish.card")
+    assert not dotted_name_exists("orpo_core.model_card")
     assert not dotted_name_exists("tasks.common.stage_run")
     assert not dotted_name_exists("orpo_core.evaluation.results.no_such_function")
 

@@ -127,7 +127,7 @@ def test_build_hub_folder_contents(tmp_path, tiny_model_dir, eval_dir):
     (eval_dir / "eval.json").write_text(json.dumps(EVAL))
     assert yaml.safe_load((out / "orpo_recipe.yaml").read_text()) == r.to_dict()
     card = (out / "README.md").read_text()
-    assert card.startswith("---\n") and "| `train_loss` | 2.5000 |" in card and "training_curves.png" in card
+    assert card.startswith("---\n") and "| `train_loss` | 2.5 |" in card and "training_curves.png" in card
 
     # the folder loads like a Hub checkpoint and gives the same logits as the source model
     import torch

@@ -212,7 +212,7 @@ def test_evaluation_scores_under_autocast_and_generates_in_fp32_on_cpu(tmp_path)
     from orpo_core.evaluation.generation import build_prompts
     from orpo_core.evaluation.preference import load_pairs
     from orpo_core.evaluation.runner import evaluate_model
-    from orpo_core.models.tiny import resolve_model_path
+    from orpo_core.models.sources import resolve_model_path
 
     rec = make_recipe(tmp_path / "r", n_rows=40)
     tokenized = build_tokenized(rec)

@@ -42,6 +42,8 @@ sibling and renamed, so it is complete or absent.
 
 from __future__ import annotations
 
+from orpo_core.config import GGUF_TYPES
+
 import hashlib
 import json
 import logging
@@ -66,7 +68,7 @@ __all__ = [
     "parse_quantizations",
 ]
 
-QUANTIZATIONS = ("f32", "f16", "q8_0")
+QUANTIZATIONS = GGUF_TYPES
 """Accepted values of ``--gguf`` / ``hub.gguf`` (lower case, llama.cpp's names)."""
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama"}
