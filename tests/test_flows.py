@@ -488,7 +488,7 @@ def test_sweep_2x2(prefect_harness, stages, tmp_path, monkeypatch):
     grid = {"orpo.alpha": [0.5, 1.0], "orpo.beta": [0.05, 0.1]}
     recipe = str(_write_recipe(tmp_path))
     monkeypatch.setenv("ORPO_SWEEP_MAX_WORKERS", "2")  # two points train concurrently
-    stages.train_seconds = 0.5
+    stages.train_seconds = 3.0  # longer than one task's bookkeeping (cache keys, stamps), so two parallel trainings overlap
     out = ablation_sweep(recipe=recipe, grid=grid)
     assert stages.max_active == 2
     # data stages shared: once; train + evaluate per point
@@ -603,6 +603,7 @@ def test_retrain_publishes_only_improvements(prefect_harness, stages, tmp_path, 
             return SimpleNamespace(commit_url=f"https://huggingface.co/x/commit/{len(uploads)}")
 
     monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # uploads are faked: not refused as offline
     monkeypatch.setenv("HF_TOKEN", "hf_fakefakefakefakefake")
     recipe = str(_write_recipe(tmp_path, hub={"push": True}))
 

@@ -259,6 +259,7 @@ def test_retrain_over_two_data_versions(prefect_server, tmp_path, monkeypatch):
             return SimpleNamespace(commit_url=f"https://huggingface.co/t/retrain/commit/{len(uploads)}")
 
     monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # uploads are faked: not refused as offline
     monkeypatch.setattr(hub, "read_published_metrics", lambda *a, **k: None)
     monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 30)
     data = tmp_path / "pairs.jsonl"
