@@ -25,7 +25,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -100,10 +100,34 @@ def _load(recipe: str, overrides: Optional[list[str]]):
     try:
         r = load_recipe(recipe, overrides or [])
     except RecipeError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}")
-        raise typer.Exit(2) from None
+        _bad_input(e)
     console.print(f"run folder: {escape(str(r.out_dir))}")  # output_dir resolved (absolute)
     return r
+
+
+def _bad_input(e: BaseException) -> NoReturn:
+    """End the command with exit code 2 (bad input), the error's text printed."""
+    console.print(f"[red]error:[/red] {escape(str(e))}")
+    raise typer.Exit(2) from None
+
+
+def _run_flow(flow_fn, free: tuple[Path, ...] = (), **params) -> None:
+    """Run one Prefect flow and print its result as JSON.
+
+    Without ``PREFECT_API_URL`` a temporary server is started first (it dies with this
+    process). Each folder in ``free`` is checked for a live run lock before the server starts.
+    Errors end the command through :func:`_fail` (exit 2 for bad input, 1 otherwise).
+    """
+    from flows.ephemeral_server import start_ephemeral_server
+
+    try:
+        for folder in free:
+            _ensure_free(folder)
+        start_ephemeral_server()
+        result = flow_fn(**params)
+    except Exception as e:  # noqa: BLE001 - reported with exit code
+        _fail(e)
+    _print_json(result)
 
 
 def _fail(e: BaseException) -> None:
@@ -296,16 +320,10 @@ def run(
     """Run the whole pipeline as a Prefect flow: prepare -> tokenize -> train -> evaluate -> push."""
     _setup_env()
     r = _load(recipe, set_)  # validate before starting Prefect
-    from flows.ephemeral_server import start_ephemeral_server
     from flows.pipeline import orpo_pipeline
 
-    try:
-        _ensure_free(r.out_dir)  # fail at once, before a server starts (the flow takes the lock itself)
-        start_ephemeral_server()  # without PREFECT_API_URL: a temporary server that dies with this process
-        result = orpo_pipeline(recipe=recipe, overrides=list(set_ or []), push=push)
-    except Exception as e:  # noqa: BLE001
-        _fail(e)
-    _print_json(result)
+    # a busy folder fails at once, before a server starts (the flow takes the lock itself)
+    _run_flow(orpo_pipeline, (r.out_dir,), recipe=recipe, overrides=list(set_ or []), push=push)
 
 
 def parse_grid(grid: list[str]) -> dict[str, list]:
@@ -347,21 +365,13 @@ def sweep(
     try:  # grid values become flow parameters too
         check_no_secrets([f"{k}={v}" for k, vs in g.items() for v in vs])
     except RecipeError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}")
-        raise typer.Exit(2) from None
+        _bad_input(e)
     from orpo_core.config import apply_overrides  # noqa: F401 - validation of each point happens in the flow
-    from flows.ephemeral_server import start_ephemeral_server
     from flows.sweep import ablation_sweep
 
-    try:
-        if not fan_out:  # the points share <run>/data and <run>/tokenized unless the grid changes them
-            _ensure_free(r.out_dir)
-        _ensure_free(r.out_dir / "sweep")
-        start_ephemeral_server()
-        result = ablation_sweep(recipe=recipe, grid=g, overrides=list(set_ or []), fan_out=fan_out)
-    except Exception as e:  # noqa: BLE001
-        _fail(e)
-    _print_json(result)
+    # the points share <run>/data and <run>/tokenized unless the grid changes them (fan-out)
+    free = (r.out_dir / "sweep",) if fan_out else (r.out_dir, r.out_dir / "sweep")
+    _run_flow(ablation_sweep, free, recipe=recipe, grid=g, overrides=list(set_ or []), fan_out=fan_out)
 
 
 @app.command()
@@ -378,24 +388,17 @@ def export(
     try:
         qs = parse_quantizations(gguf)
     except GGUFExportError as e:
-        console.print(f"[red]error:[/red] {escape(str(e))}")
-        raise typer.Exit(2) from None
-    from flows.ephemeral_server import start_ephemeral_server
+        _bad_input(e)
     from flows.pipeline import export_flow
 
-    try:
-        start_ephemeral_server()
-        result = export_flow(recipe=recipe, quantizations=qs, overrides=list(set_ or []))
-    except Exception as e:  # noqa: BLE001
-        _fail(e)
-    _print_json(result)
+    _run_flow(export_flow, recipe=recipe, quantizations=qs, overrides=list(set_ or []))
 
 
 @app.command()
 def push(
     recipe: str = RecipeArg,
-    set_: Optional[list[str]] = SetOpt,
     dry_run: Optional[bool] = typer.Option(None, "--dry-run/--no-dry-run", help="write the folder only (default: not hub.push)"),
+    set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Publish the trained model, tokenizer and model card to the Hugging Face Hub (token from HF_TOKEN)."""
     _setup_env()
@@ -407,16 +410,9 @@ def push(
             refuse_offline_upload()  # before a server starts or a folder is built: nothing is uploaded
         except HubError as e:
             _fail(e)
-    from flows.ephemeral_server import start_ephemeral_server
     from flows.pipeline import push_flow
 
-    try:
-        _ensure_free(r.out_dir)
-        start_ephemeral_server()
-        result = push_flow(recipe=recipe, overrides=list(set_ or []), dry_run=dry_run)
-    except Exception as e:  # noqa: BLE001
-        _fail(e)
-    _print_json(result)
+    _run_flow(push_flow, (r.out_dir,), recipe=recipe, overrides=list(set_ or []), dry_run=dry_run)
 
 
 def main() -> None:  # pragma: no cover

@@ -28,6 +28,7 @@ from orpo_core.io import json_safe
 
 from flows.runs import (
     eval_metrics,
+    export_and_push,
     flow_run_namer,
     load,
     mark_unfinished_progress,
@@ -147,27 +148,11 @@ def _pipeline_stages(r, d: dict[str, Any], out: Path, states: dict[str, str], pu
         tokenized_dir=tok["path"],
         out_dir=str(out / "eval"),
     )
-    gguf_files = None
-    if r.hub.gguf:
-        ex = run_stage(
-            export_task, states, "export", recipe=d, model_dir=tr["model_dir"], out_dir=str(out / "export"), quantizations=list(r.hub.gguf)
-        )
-        gguf_files = ex["files"]
-        result["paths"]["export"] = ex["path"]
     do_push = r.hub.push if push is None else bool(push)
-    pu = run_stage(
-        push_task,
-        states,
-        "push",
-        recipe=d,
-        model_dir=tr["model_dir"],
-        eval_json=ev["eval_json"],
-        out_dir=str(out / "hub"),
-        dry_run=not do_push,
-        gguf_files=gguf_files,
-    )
-    if pu.get("pushed"):
-        write_published_record(out, r, ev["eval_json"], pu)
+    pu, ex = export_and_push(states, r, d, out, tr["model_dir"], ev["eval_json"], dry_run=not do_push,
+                             export_task=export_task, push_task=push_task)
+    if ex is not None:
+        result["paths"]["export"] = ex["path"]
     results = {"prepare": prep, "tokenize": tok, "train": tr, "evaluate": ev, "push": pu}
     publish_run_summary(r, out, states, results, ev["eval_json"], tr.get("metrics"))
     metrics = eval_metrics(ev["eval_json"])

@@ -32,7 +32,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.runs import PUBLISHED_RECORD, eval_metrics, flow_run_namer, load, run_folder, run_stage, tag_flow_run, write_published_record
+from flows.runs import PUBLISHED_RECORD, eval_metrics, export_and_push, flow_run_namer, load, run_folder, run_stage, tag_flow_run
 from tasks import evaluate_task, export_task, last_published_task, prepare_task, push_task, tokenize_task, train_task
 from orpo_core.io import atomic_write_json, fmt_value, json_safe
 from tasks.artifacts import artifact_key, markdown_artifact
@@ -176,25 +176,9 @@ def _retrain(r, out: Path, force: bool) -> dict[str, Any]:
     push = None
     action = "kept"
     if publish:
-        gguf_files = None
-        if r.hub.gguf:  # GGUF files shipped with the published model (orpo_core.publish.gguf)
-            gguf_files = run_stage(
-                export_task, states, "export", recipe=d, model_dir=tr["model_dir"], out_dir=str(out / "export"),
-                quantizations=list(r.hub.gguf),
-            )["files"]
-        push = run_stage(
-            push_task,
-            states,
-            "push",
-            recipe=d,
-            model_dir=tr["model_dir"],
-            eval_json=ev["eval_json"],
-            out_dir=str(out / "hub"),
-            dry_run=not r.hub.push,
-            gguf_files=gguf_files,
-        )
+        push, _ = export_and_push(states, r, d, out, tr["model_dir"], ev["eval_json"], dry_run=not r.hub.push,
+                                  export_task=export_task, push_task=push_task)
         if push.get("pushed"):
-            write_published_record(out, r, ev["eval_json"], push)
             action = "published"
         else:
             action = "dry-run"

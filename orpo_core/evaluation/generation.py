@@ -41,6 +41,15 @@ def build_prompts(tokenizer, prompts: list[str], heldout_prompt_ids: list[list[i
     return out
 
 
+def _greedy(model, input_ids, attention_mask, max_new_tokens: int, eos, pad: int):
+    """``model.generate`` with greedy decoding (sampling options unset so the model's
+    ``generation_config`` cannot turn sampling on); ``input_ids`` / ``attention_mask``
+    ``[batch, seq]`` int64; returns ``[batch, seq + new]`` int64."""
+    greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                          eos_token_id=eos, pad_token_id=pad, **greedy)
+
+
 def generate_answers(model, tokenizer, prompts: list[PromptSpec], *, max_new_tokens: int) -> list[str]:
     """Greedy completion of each prompt (one at a time: no padding effects), decoded
     without special tokens (whitespace kept). Stops at the tokenizer's end-of-turn
@@ -57,17 +66,7 @@ def generate_answers(model, tokenizer, prompts: list[PromptSpec], *, max_new_tok
         with torch.inference_mode():
             for p in prompts:
                 ids = torch.tensor([p.input_ids], dtype=torch.long, device=device)
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    eos_token_id=eos,
-                    pad_token_id=pad,
-                )
+                out = _greedy(model, ids, torch.ones_like(ids), max_new_tokens, eos, pad)
                 answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     finally:
         model.train(was_training)
@@ -117,17 +116,7 @@ def generate_batched(
                     p = prompt_ids[i]
                     ids[row, width - len(p) :] = torch.tensor(p, dtype=torch.long)
                     mask[row, width - len(p) :] = 1
-                out = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    eos_token_id=eos_ids,
-                    pad_token_id=pad,
-                )
+                out = _greedy(model, ids.to(device), mask.to(device), max_new_tokens, eos_ids, pad)
                 for row, i in enumerate(idx):
                     new = out[row, width:].tolist()
                     if eos_ids:  # cut at the first end token (later positions are padding)

@@ -7,28 +7,8 @@
 * :mod:`orpo_core.data.synthetic.instructions.bank`       the topics and facts the responses are made of.
 """
 
+from orpo_core.data.synthetic.instructions import verifiers as _verifiers
 from orpo_core.data.synthetic.instructions.generator import generate_instructions, heldout_keys, row_key
-from orpo_core.data.synthetic.instructions.verifiers import (
-    IFEVAL_IDS,
-    REGISTRY,
-    ConstraintError,
-    Verifier,
-    build,
-    check_all,
-    from_json,
-    to_json,
-)
+from orpo_core.data.synthetic.instructions.verifiers import *  # noqa: F403 - the verifiers' public names
 
-__all__ = [
-    "IFEVAL_IDS",
-    "REGISTRY",
-    "ConstraintError",
-    "Verifier",
-    "build",
-    "check_all",
-    "from_json",
-    "generate_instructions",
-    "heldout_keys",
-    "row_key",
-    "to_json",
-]
+__all__ = [*_verifiers.__all__, "generate_instructions", "heldout_keys", "row_key"]

@@ -41,6 +41,8 @@ from orpo_core.data.synthetic.instructions.verifiers import (
     EndChecker,
     EnglishCapital,
     EnglishLowercase,
+    ForbiddenWords,
+    JsonFormat,
     JsonKey,
     KeywordsExistence,
     NoComma,
@@ -49,6 +51,7 @@ from orpo_core.data.synthetic.instructions.verifiers import (
     NumberWords,
     Postscript,
     Quotation,
+    REGISTRY,
     Title,
     Verifier,
     build,
@@ -70,26 +73,8 @@ __all__ = [
 SOURCE = "synthetic:instructions"
 HELDOUT_FRACTION = 0.15
 
-#: constraint ids the generator uses
-GENERATED_IDS: tuple[str, ...] = tuple(
-    sorted(
-        c.id
-        for c in (
-            EnglishCapital,
-            EnglishLowercase,
-            NumberBulletLists,
-            JsonKey,
-            Title,
-            EndChecker,
-            Quotation,
-            NoComma,
-            NumberWords,
-            NumberParagraphs,
-            Postscript,
-            KeywordsExistence,
-        )
-    )
-)
+#: constraint ids the generator uses: every verifier but JsonFormat and ForbiddenWords (checked, not generated)
+GENERATED_IDS: tuple[str, ...] = tuple(sorted(set(REGISTRY) - {JsonFormat.id, ForbiddenWords.id}))
 
 _CASE = {EnglishCapital.id, EnglishLowercase.id}
 _STRUCTURE = {NumberBulletLists.id, NumberParagraphs.id, JsonKey.id}

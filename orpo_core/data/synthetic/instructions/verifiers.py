@@ -68,7 +68,8 @@ class Verifier:
     """Base class: an instruction id, its keyword arguments, a description and a check.
 
     Subclasses set :attr:`id`, :attr:`kwarg_types` (name -> accepted Python
-    type(s); all required) and implement :meth:`_describe` and :meth:`_follows`.
+    type(s); all required; an ``int`` must be >= 1, a ``str`` non-blank and is stored
+    stripped, a ``list`` a non-empty list of non-blank strings), :attr:`template` (or override :meth:`_describe`) and implement :meth:`_follows`.
 
     Raises:
         ConstraintError: missing, unexpected or badly typed keyword arguments,
@@ -77,6 +78,8 @@ class Verifier:
 
     id: ClassVar[str] = ""
     kwarg_types: ClassVar[dict[str, type | tuple[type, ...]]] = {}
+    #: the instruction's wording, ``str.format`` placeholders named after the keyword arguments
+    template: ClassVar[str] = ""
 
     def __init__(self, **kwargs: Any) -> None:
         missing = sorted(set(self.kwarg_types) - set(kwargs))
@@ -92,18 +95,28 @@ class Verifier:
             if isinstance(value, bool) or not isinstance(value, typ):
                 raise ConstraintError(f"{self.id}: {name} must be {typ}, got {value!r}")
         self.kwargs: dict[str, Any] = dict(kwargs)
+        for name, value in kwargs.items():
+            if isinstance(value, int):
+                _positive(self, name)
+            elif isinstance(value, str):
+                _nonempty(self, name)
+                self.kwargs[name] = value.strip()
+            elif isinstance(value, list) and not (value and all(isinstance(w, str) and w.strip() for w in value)):
+                raise ConstraintError(f"{self.id}: {name} must be a non-empty list of non-empty strings, got {value!r}")
         self._validate()
 
     def _validate(self) -> None:
-        """Range checks of the keyword arguments (override)."""
+        """Further checks of the keyword arguments (override)."""
 
     @property
     def description(self) -> str:
         """The instruction as written into the prompt (IFEval's wording where the id is IFEval's)."""
         return self._describe()
 
-    def _describe(self) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _describe(self) -> str:
+        """:attr:`template` filled with the keyword arguments; subclasses with wording that
+        depends on the values override this."""
+        return self.template.format(**self.kwargs)
 
     def _follows(self, response: str) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -144,8 +157,7 @@ class EnglishCapital(Verifier):
 
     id = "change_case:english_capital"
 
-    def _describe(self) -> str:
-        return "Your entire response should be in English, and in all capital letters."
+    template = "Your entire response should be in English, and in all capital letters."
 
     def _follows(self, response: str) -> bool:
         return response.isupper()
@@ -156,8 +168,7 @@ class EnglishLowercase(Verifier):
 
     id = "change_case:english_lowercase"
 
-    def _describe(self) -> str:
-        return "Your entire response should be in English, and in all lowercase letters. No capital letters are allowed."
+    template = "Your entire response should be in English, and in all lowercase letters. No capital letters are allowed."
 
     def _follows(self, response: str) -> bool:
         return response.islower()
@@ -170,14 +181,10 @@ class NumberBulletLists(Verifier):
     id = "detectable_format:number_bullet_lists"
     kwarg_types = {"num_bullets": int}
 
-    def _validate(self) -> None:
-        _positive(self, "num_bullets")
-
-    def _describe(self) -> str:
-        return (
-            f"Your answer must contain exactly {self.kwargs['num_bullets']} bullet points. "
-            "Use the markdown bullet points such as:\n* This is point 1. \n* This is point 2"
-        )
+    template = (
+        "Your answer must contain exactly {num_bullets} bullet points. "
+        "Use the markdown bullet points such as:\n* This is point 1. \n* This is point 2"
+    )
 
     def _follows(self, response: str) -> bool:
         stars = re.findall(r"^\s*\*[^\*].*$", response, flags=re.MULTILINE)
@@ -190,8 +197,7 @@ class JsonFormat(Verifier):
 
     id = "detectable_format:json_format"
 
-    def _describe(self) -> str:
-        return "Entire output should be wrapped in JSON format. You can use markdown ticks such as ```."
+    template = "Entire output should be wrapped in JSON format. You can use markdown ticks such as ```."
 
     def _follows(self, response: str) -> bool:
         try:
@@ -207,14 +213,7 @@ class JsonKey(Verifier):
     id = "detectable_format:json_key"
     kwarg_types = {"key": str}
 
-    def _validate(self) -> None:
-        _nonempty(self, "key")
-
-    def _describe(self) -> str:
-        return (
-            f'Entire output should be a JSON object with the key "{self.kwargs["key"]}". '
-            "You can use markdown ticks such as ```."
-        )
+    template = 'Entire output should be a JSON object with the key "{key}". You can use markdown ticks such as ```.'
 
     def _follows(self, response: str) -> bool:
         try:
@@ -229,8 +228,7 @@ class Title(Verifier):
 
     id = "detectable_format:title"
 
-    def _describe(self) -> str:
-        return "Your answer must contain a title, wrapped in double angular brackets, such as <<poem of joy>>."
+    template = "Your answer must contain a title, wrapped in double angular brackets, such as <<poem of joy>>."
 
     def _follows(self, response: str) -> bool:
         titles = re.findall(r"<<[^\n]+>>", response)
@@ -244,14 +242,7 @@ class EndChecker(Verifier):
     id = "startend:end_checker"
     kwarg_types = {"end_phrase": str}
 
-    def _validate(self) -> None:
-        _nonempty(self, "end_phrase")
-
-    def _describe(self) -> str:
-        return (
-            f"Finish your response with this exact phrase {self.kwargs['end_phrase'].strip()}. "
-            "No other words should follow this phrase."
-        )
+    template = "Finish your response with this exact phrase {end_phrase}. No other words should follow this phrase."
 
     def _follows(self, response: str) -> bool:
         return response.strip().strip('"').lower().endswith(self.kwargs["end_phrase"].strip().lower())
@@ -262,8 +253,7 @@ class Quotation(Verifier):
 
     id = "startend:quotation"
 
-    def _describe(self) -> str:
-        return "Wrap your entire response with double quotation marks."
+    template = "Wrap your entire response with double quotation marks."
 
     def _follows(self, response: str) -> bool:
         value = response.strip()
@@ -276,8 +266,7 @@ class NoComma(Verifier):
 
     id = "punctuation:no_comma"
 
-    def _describe(self) -> str:
-        return "In your entire response, refrain from the use of any commas."
+    template = "In your entire response, refrain from the use of any commas."
 
     def _follows(self, response: str) -> bool:
         return "," not in response
@@ -291,12 +280,10 @@ class NumberWords(Verifier):
     RELATIONS = ("less than", "at least")
 
     def _validate(self) -> None:
-        _positive(self, "num_words")
         if self.kwargs["relation"] not in self.RELATIONS:
             raise ConstraintError(f"{self.id}: relation must be one of {self.RELATIONS}, got {self.kwargs['relation']!r}")
 
-    def _describe(self) -> str:
-        return f"Answer with {self.kwargs['relation']} {self.kwargs['num_words']} words."
+    template = "Answer with {relation} {num_words} words."
 
     def _follows(self, response: str) -> bool:
         n = count_words(response)
@@ -310,14 +297,7 @@ class NumberParagraphs(Verifier):
     id = "length_constraints:number_paragraphs"
     kwarg_types = {"num_paragraphs": int}
 
-    def _validate(self) -> None:
-        _positive(self, "num_paragraphs")
-
-    def _describe(self) -> str:
-        return (
-            f"There should be {self.kwargs['num_paragraphs']} paragraphs. "
-            "Paragraphs are separated with the markdown divider: ***"
-        )
+    template = "There should be {num_paragraphs} paragraphs. Paragraphs are separated with the markdown divider: ***"
 
     def _follows(self, response: str) -> bool:
         paragraphs = re.split(r"\s?\*\*\*\s?", response)
@@ -338,14 +318,7 @@ class Postscript(Verifier):
     id = "detectable_content:postscript"
     kwarg_types = {"postscript_marker": str}
 
-    def _validate(self) -> None:
-        _nonempty(self, "postscript_marker")
-
-    def _describe(self) -> str:
-        return (
-            "At the end of your response, please explicitly add a postscript "
-            f"starting with {self.kwargs['postscript_marker'].strip()}"
-        )
+    template = "At the end of your response, please explicitly add a postscript starting with {postscript_marker}"
 
     def _follows(self, response: str) -> bool:
         marker = self.kwargs["postscript_marker"].strip()
@@ -366,13 +339,9 @@ class KeywordsExistence(Verifier):
     kwarg_types = {"keywords": list}
 
     def _validate(self) -> None:
-        kws = self.kwargs["keywords"]
-        if not kws or not all(isinstance(k, str) and k.strip() for k in kws):
-            raise ConstraintError(f"{self.id}: keywords must be a non-empty list of non-empty strings, got {kws!r}")
-        self.kwargs["keywords"] = sorted(kws)
+        self.kwargs["keywords"] = sorted(self.kwargs["keywords"])
 
-    def _describe(self) -> str:
-        return f"Include keywords {self.kwargs['keywords']} in the response."
+    template = "Include keywords {keywords} in the response."
 
     def _follows(self, response: str) -> bool:
         return all(re.search(k, response, flags=re.IGNORECASE) for k in self.kwargs["keywords"])
@@ -385,13 +354,9 @@ class ForbiddenWords(Verifier):
     kwarg_types = {"forbidden_words": list}
 
     def _validate(self) -> None:
-        words = self.kwargs["forbidden_words"]
-        if not words or not all(isinstance(w, str) and w.strip() for w in words):
-            raise ConstraintError(f"{self.id}: forbidden_words must be a non-empty list of non-empty strings")
-        self.kwargs["forbidden_words"] = sorted(set(words))
+        self.kwargs["forbidden_words"] = sorted(set(self.kwargs["forbidden_words"]))
 
-    def _describe(self) -> str:
-        return f"Do not include keywords {self.kwargs['forbidden_words']} in the response."
+    template = "Do not include keywords {forbidden_words} in the response."
 
     def _follows(self, response: str) -> bool:
         return not any(re.search(r"\b" + w + r"\b", response, flags=re.IGNORECASE) for w in self.kwargs["forbidden_words"])
