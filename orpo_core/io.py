@@ -77,6 +77,22 @@ def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2, sort_
 
 
 # --------------------------------------------------------------------------- values
+def read_json(path: str | Path, error: type[Exception] = ValueError, hint: str = "") -> Any:
+    """Parse a UTF-8 JSON file.
+
+    Raises:
+        error: ``"<path> does not exist<hint>"`` when it is not a file, or
+            ``"<path>: not valid JSON (<reason>)"`` when it cannot be read or parsed.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{p} does not exist{hint}")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{p}: not valid JSON ({e})") from None
+
+
 def json_safe(obj: Any) -> Any:
     """A strict-JSON copy of ``obj``.
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 from orpo_core.training.collator import ORPODataCollator
-from orpo_core.training.trainer import ORPOTrainer
 
 from orpo_train_entry import make_recipe
 
@@ -22,7 +21,7 @@ def layout_trainer(tmp_path, model_dir, tok, dataset, *, orpo, attn="sdpa", peft
     """An :class:`ORPOTrainer` on ``model_dir`` (float32, ``attn``) with the ``orpo`` section given
     and ``train`` settings over ``group_by_length: False, logging_steps: 1``."""
     from orpo_core.models.loading import load_model
-    from orpo_core.training.run import build_training_args
+    from orpo_core.training.run import build_trainer, build_training_args
 
     sections = {
         "model": {"name_or_path": str(model_dir), "dtype": "float32", "attn_implementation": attn},
@@ -34,11 +33,7 @@ def layout_trainer(tmp_path, model_dir, tok, dataset, *, orpo, attn="sdpa", peft
     recipe = make_recipe(tmp_path / "run", **sections)
     model = load_model(recipe, tok, added_tokens=False)
     args = build_training_args(recipe, tmp_path / "run" / "train", has_eval=eval_dataset is not None)
-    return ORPOTrainer(
-        model=model, args=args, orpo=recipe.orpo, group_by_length=recipe.train.group_by_length,
-        train_dataset=dataset, eval_dataset=eval_dataset, data_collator=ORPODataCollator(tok.pad_token_id),
-        processing_class=tok,
-    )
+    return build_trainer(recipe, model, tok, args, dataset, eval_dataset, ORPODataCollator(tok.pad_token_id))
 
 
 def loss_and_grads(tr, batch, *, sharing, padding_free=None):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -42,16 +41,9 @@ def _prefect() -> str:
 
 
 def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=grace)
-    except ProcessLookupError:
-        pass
+    from orpo_core.training.launch import stop_process_group
+
+    stop_process_group(proc, grace_s=grace)
 
 
 def _wait_for(pred, timeout: float, what: str, logs: list[Path] = ()) -> None:

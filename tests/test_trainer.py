@@ -12,7 +12,7 @@ import torch
 
 from orpo_core.training.collator import LengthGroupedPairSampler, ORPODataCollator, pair_lengths
 from orpo_core.config import ScheduleConfig
-from orpo_core.training.trainer import METRIC_NAMES, NonFiniteLossError, ORPOTrainer, schedule_value
+from orpo_core.training.trainer import METRIC_NAMES, NonFiniteLossError, schedule_value
 
 from layout_checks import TRL_NAMES
 from orpo_train_entry import build_tokenized, hand_tokenized, make_recipe
@@ -23,7 +23,7 @@ def _trainer(tmp_path, tiny_model_dir, tok, dataset, eval_dataset=None, model=No
     """ORPOTrainer on the session tiny model (hidden 64, 2 layers) via the real
     build_training_args/load_model path."""
     from orpo_core.models.loading import load_model
-    from orpo_core.training.run import build_training_args
+    from orpo_core.training.run import build_trainer, build_training_args
 
     orpo = train.pop("orpo", {})
     sections = {
@@ -37,16 +37,7 @@ def _trainer(tmp_path, tiny_model_dir, tok, dataset, eval_dataset=None, model=No
     if model is None:
         model = load_model(recipe, tok, added_tokens=False)
     args = build_training_args(recipe, tmp_path / "run" / "train", has_eval=eval_dataset is not None)
-    return ORPOTrainer(
-        model=model,
-        args=args,
-        orpo=recipe.orpo,
-        group_by_length=recipe.train.group_by_length,
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,
-        data_collator=ORPODataCollator(tok.pad_token_id),
-        processing_class=tok,
-    )
+    return build_trainer(recipe, model, tok, args, dataset, eval_dataset, ORPODataCollator(tok.pad_token_id))
 
 
 # --------------------------------------------------------------------------- collator

@@ -128,6 +128,24 @@ def _read_all_bytes(path: Path) -> bytes:
         raise DataError(f"cannot read file: {e}", file=str(path), reason=UNREADABLE, fatal=True) from None
 
 
+def _read_text(path: Path) -> str:
+    """The whole file (gzip-transparent) as UTF-8 text without a leading byte-order mark.
+
+    Raises:
+        DataError: unreadable (``unreadable``), empty or blank (``empty_file``), or not UTF-8
+            (``bad_utf8``, with the line, column and field of the first bad byte); all fatal.
+    """
+    data = _read_all_bytes(path)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if not data.strip():
+        raise DataError("file is empty (no records)", file=str(path), reason=EMPTY_FILE, fatal=True)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _utf8_error(path, data, e) from None
+
+
 def _field_near(text: str, pos: int) -> str | None:
     """The last JSON object key that starts before ``pos`` (best effort, for messages)."""
     keys = re.findall(r'"((?:[^"\\]|\\.)*)"\s*:', text[:pos])
@@ -396,15 +414,7 @@ def iter_json(path: Path) -> Iterator[Record]:
             row-level ``duplicate_key`` error.
     """
     name = str(path)
-    data = _read_all_bytes(path)
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if not data.strip():
-        raise DataError("file is empty (no records)", file=name, reason=EMPTY_FILE, fatal=True)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _utf8_error(path, data, e) from None
+    text = _read_text(path)
     parser = _JsonParser()
     try:
         obj = parser.loads(text)
@@ -468,14 +478,7 @@ def csv_columns_and_rows(path: Path) -> tuple[list[str], Iterator[Record]]:
             number of fields is yielded as a row-level ``malformed_csv`` error.
     """
     name = str(path)
-    data = _read_all_bytes(path)
-    if not data.strip():
-        raise DataError("file is empty (no records)", file=name, reason=EMPTY_FILE, fatal=True)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise _utf8_error(path, data, e) from None
-    del data
+    text = _read_text(path)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
 
     def parsed() -> Iterator[tuple[int, int, list[str]]]:

@@ -6,12 +6,11 @@ exchange (:func:`write_report`), so they are always published together.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from orpo_core.io import atomic_write, atomic_write_json, atomic_write_text, staging_dir
+from orpo_core.io import atomic_write, atomic_write_json, atomic_write_text, read_json, staging_dir
 from .errors import EvalInputError
 
 #: (title, train key, eval key) of the panels in ``curves.png`` (TRL ORPOTrainer log names)
@@ -50,14 +49,8 @@ def load_log_history(log_history: str | os.PathLike | list | None) -> list[dict[
         data: Any = log_history
         where = "log_history"
     else:
-        p = Path(log_history)
-        if not p.is_file():
-            raise EvalInputError(f"log history file {p} does not exist")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise EvalInputError(f"log history file {p}: not valid JSON ({e})") from None
-        where = str(p)
+        data = read_json(log_history, EvalInputError)
+        where = str(log_history)
         if isinstance(data, dict) and "log_history" in data:
             data = data["log_history"]
     if not isinstance(data, list):

@@ -296,14 +296,8 @@ def run_evaluation(
         for label, src in order:
             log.info("evaluating %s model %s", label, src.name_or_path)
             t0 = time.perf_counter()
-            model = loading.load_eval_model(
-                src,
-                tokenizer,
-                dtype=mcfg.dtype,
-                trust_remote_code=mcfg.trust_remote_code,
-                attn_implementation=mcfg.attn_implementation,
-                seed=recipe.seed,
-            )
+            model = loading.load_eval_model(src, tokenizer, dtype=mcfg.dtype, trust_remote_code=mcfg.trust_remote_code,
+                                            attn_implementation=mcfg.attn_implementation, seed=recipe.seed)
             load_s = time.perf_counter() - t0
             models_info[label] = loading.describe_source(src, model)
             runs[label] = evaluate_model(

@@ -85,13 +85,17 @@ def ensure_free(run_dir: str | Path) -> None:
     try:
         lock.acquire()
     except Timeout:
-        raise RunFolderBusy(
-            f"run folder {d} is in use by {_describe(read_owner(d))} (lock {lock_path}); "
-            "wait for that run to end, or set ORPO_RUN_LOCK_TIMEOUT_S to wait for it"
-        ) from None
+        raise _busy(d, lock_path) from None
     except OSError:
         return  # not readable/writable here: run_folder_lock reports it with the path
     lock.release()
+
+
+def _busy(d: Path, lock_path: Path) -> RunFolderBusy:
+    return RunFolderBusy(
+        f"run folder {d} is in use by {_describe(read_owner(d))} (lock {lock_path}); "
+        "wait for that run to end, or set ORPO_RUN_LOCK_TIMEOUT_S to wait for it"
+    )
 
 
 @contextlib.contextmanager
@@ -118,10 +122,7 @@ def run_folder_lock(run_dir: str | Path, flow_run_id: str | None = None, timeout
         lock = FileLock(lock_path, timeout=wait)
         lock.acquire()
     except Timeout:
-        raise RunFolderBusy(
-            f"run folder {d} is in use by {_describe(read_owner(d))} (lock {lock_path}); "
-            "wait for that run to end, or set ORPO_RUN_LOCK_TIMEOUT_S to wait for it"
-        ) from None
+        raise _busy(d, lock_path) from None
     except PermissionError as e:
         raise RunFolderNotWritable(f"cannot write the run folder: {e.filename or lock_path}: {e.strerror}") from None
     try:

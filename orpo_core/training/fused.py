@@ -50,6 +50,7 @@ from orpo_core.training.loss import (
     ORPOLossOutput,
     _check_weights,
     _compute_dtype,
+    check_rows,
     _orpo_from_token_logps,
     odds_ratio_loss,
     orpo_target_masks,
@@ -518,8 +519,8 @@ def orpo_loss_from_hidden(
     *,
     beta: float,
     alpha: float = 1.0,
-    nll_on_prompt: bool = True,
     chunk_size: int = 1024,
+    nll_on_prompt: bool = True,
     nll_denominator: float | torch.Tensor | None = None,
     pair_denominator: float | torch.Tensor | None = None,
     logit_scale: float | None = None,
@@ -568,11 +569,7 @@ def orpo_loss_from_hidden(
     Raises:
         ValueError: bad shapes/masks/weights (see :func:`orpo_core.training.loss.orpo_target_masks`).
     """
-    if hidden.dim() != 3 or hidden.shape[:2] != input_ids.shape:
-        raise ValueError(
-            f"hidden must be [2B, T, H] matching input_ids [2B, T]; got {tuple(hidden.shape)} and "
-            f"{tuple(input_ids.shape)}"
-        )
+    check_rows("hidden", "[2B, T, H]", hidden, input_ids)
     _check_head(hidden, lm_head_weight, lm_head_bias, chunk_size, logit_scale, softcap)
     _check_weights(beta, alpha, nll_denominator, pair_denominator)
     logp_mask, nll_mask = orpo_target_masks(input_ids, attention_mask, completion_mask, nll_on_prompt)
@@ -623,14 +620,8 @@ def orpo_loss_from_hidden(
     # on the one-pass path the token log-probs are detached: compute metrics without a graph
     with torch.no_grad() if one_pass_loss is not None else contextlib.nullcontext():
         out = _orpo_from_token_logps(
-            token_logps.view(n_rows, seq_len - 1),
-            (token_sums / vocab).view(n_rows, seq_len - 1),
-            logp_mask,
-            nll_mask,
-            beta=beta,
-            alpha=alpha,
-            nll_denominator=nll_denominator,
-            pair_denominator=pair_denominator,
+            token_logps.view(n_rows, seq_len - 1), (token_sums / vocab).view(n_rows, seq_len - 1), logp_mask, nll_mask,
+            beta=beta, alpha=alpha, nll_denominator=nll_denominator, pair_denominator=pair_denominator,
         )
     if one_pass_loss is not None:
         loss = one_pass_loss

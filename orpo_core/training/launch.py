@@ -373,7 +373,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
         pass
 
 
-def _kill_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """Stop a process started with ``start_new_session=True`` and its children: SIGTERM to
+    its process group, SIGKILL after ``grace_s`` seconds; returns once it has exited."""
     if proc.poll() is not None:
         return
     try:
@@ -442,7 +444,7 @@ def stream_launch(
             emit(level, f"{'launcher' if rank is None else f'rank {rank}'} | {text}")
         rc = proc.wait()
     except BaseException:
-        _kill_group(proc)
+        stop_process_group(proc)
         raise
     return rc, tails
 
@@ -476,15 +478,8 @@ def _failure(rc: int, err_dir: Path, tails: dict[int | None, collections.deque])
                            rank=rank, error_type=None, returncode=rc, traceback_tail=tail)
 
 
-def train_distributed(
-    recipe: Recipe,
-    tokenized_dir: str | Path,
-    out_dir: str | Path,
-    resume: bool = True,
-    callbacks: list | None = None,
-    line_logger: Any = None,
-    gpus: int | None = None,
-) -> dict[str, Any]:
+def train_distributed(recipe: Recipe, tokenized_dir: str | Path, out_dir: str | Path, resume: bool = True,
+                      callbacks: list | None = None, line_logger: Any = None, gpus: int | None = None) -> dict[str, Any]:
     """Train with ``accelerate launch`` as ``recipe.train.distributed`` says (see module docstring).
 
     Same arguments and result as :func:`orpo_core.training.run.run_training`, plus ``line_logger``

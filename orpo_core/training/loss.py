@@ -358,6 +358,15 @@ def _orpo_from_token_logps(
     )
 
 
+def check_rows(name: str, layout: str, x: torch.Tensor, input_ids: torch.Tensor) -> None:
+    """Raise ValueError unless ``x`` is 3-D with its first two dims equal to ``input_ids``'s
+    ``[2B, T]`` (``layout`` names the expected shape in the message, e.g. ``"[2B, T, V]"``)."""
+    if x.dim() != 3 or x.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"{name} must be {layout} matching input_ids [2B, T]; got {tuple(x.shape)} and {tuple(input_ids.shape)}"
+        )
+
+
 def _check_weights(beta, alpha, nll_denominator, pair_denominator) -> None:
     if beta < 0 or alpha < 0:
         raise ValueError(f"beta and alpha must be >= 0, got beta={beta}, alpha={alpha}")
@@ -412,11 +421,7 @@ def orpo_loss_from_logits(
         ValueError: bad shapes/masks (see :func:`orpo_target_masks`), negative weights,
             both weights 0, or a non-positive denominator.
     """
-    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
-        raise ValueError(
-            f"logits must be [2B, T, V] matching input_ids [2B, T]; got {tuple(logits.shape)} and "
-            f"{tuple(input_ids.shape)}"
-        )
+    check_rows("logits", "[2B, T, V]", logits, input_ids)
     _check_weights(beta, alpha, nll_denominator, pair_denominator)
     logp_mask, nll_mask = orpo_target_masks(input_ids, attention_mask, completion_mask, nll_on_prompt)
     shifted = logits[:, :-1]
@@ -424,13 +429,5 @@ def orpo_loss_from_logits(
     with torch.no_grad():
         vocab = shifted.shape[-1]
         logit_means = shifted.sum(-1, dtype=token_logps.dtype) / vocab
-    return _orpo_from_token_logps(
-        token_logps,
-        logit_means,
-        logp_mask,
-        nll_mask,
-        beta=beta,
-        alpha=alpha,
-        nll_denominator=nll_denominator,
-        pair_denominator=pair_denominator,
-    )
+    return _orpo_from_token_logps(token_logps, logit_means, logp_mask, nll_mask, beta=beta, alpha=alpha,
+                                  nll_denominator=nll_denominator, pair_denominator=pair_denominator)

@@ -222,28 +222,22 @@ def _row_lengths(input_ids, attention_mask, completion_mask) -> tuple[torch.Tens
     expected = cols[None] < lens[:, None]
     bad = (attn != expected).any(1) | (comp != (expected & (cols[None] >= starts[:, None]))).any(1) | (lens == 0)
     if bool(bad.any()):
-        row = int(bad.nonzero()[0])
         raise ValueError(
-            f"padding-free packing: row {row} of the pair batch is not 'prompt then completion, right padded' "
-            "(a non-empty row, the completion up to the row end, padding only at the end)"
-        )
+            f"padding-free packing: row {int(bad.nonzero()[0])} of the pair batch is not 'prompt then completion, right "
+            "padded' (a non-empty row, the completion up to the row end, padding only at the end)")
     return lens, starts
 
 
 def build_packed_batch(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    completion_mask: torch.Tensor,
-    *,
-    share_prompts: bool = False,
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor, *, share_prompts: bool = False
 ) -> PackedBatch:
     """Pack a ``[2B, T]`` pair batch into one ``[1, N]`` row without padding.
 
     Args:
-        input_ids: ``[2B, T]`` int, rows ``0..B-1`` ``prompt + chosen``, ``B..2B-1``
-            ``prompt + rejected``, right padded (:class:`orpo_core.training.collator.ORPODataCollator`).
-        attention_mask: ``[2B, T]`` 0/1, 1 on real tokens (a prefix of each row).
-        completion_mask: ``[2B, T]`` 0/1, 1 on the completion tokens (up to the row end).
+        input_ids, attention_mask, completion_mask: the ``[2B, T]`` pair batch of
+            :class:`orpo_core.training.collator.ORPODataCollator` (int ids, 0/1 masks; rows
+            ``0..B-1`` prompt + chosen, ``B..2B-1`` prompt + rejected, right padded; each row's
+            completion runs to its last real token).
         share_prompts: pack one ``[prompt | chosen | rejected]`` run per pair (prompt sharing)
             instead of the ``2B`` rows.
 

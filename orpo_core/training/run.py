@@ -33,6 +33,7 @@ import torch
 from orpo_core.training.collator import REQUIRED_COLUMNS, ORPODataCollator, pair_lengths
 from orpo_core.stages import fields_hash
 from orpo_core.config import Recipe
+from orpo_core.io import read_json
 from orpo_core.models.sources import resolve_model_path
 from orpo_core.training.precision import resolve_precision
 
@@ -68,14 +69,17 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+#: ``train.*`` recipe fields that are TrainingArguments of the same name and meaning
+_SAME_NAME_ARGS = (
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "learning_rate",
+    "lr_scheduler_type", "weight_decay", "max_grad_norm", "optim", "num_train_epochs", "max_steps", "logging_steps",
+    "save_total_limit", "dataloader_num_workers",
+)
+
+
 def _read_stats(tokenized_dir: Path) -> dict[str, Any]:
     path = tokenized_dir / "stats.json"
-    if not path.is_file():
-        raise TrainInputError(f"{path}: missing (run the tokenize stage first)")
-    try:
-        stats = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise TrainInputError(f"{path}: unreadable ({e})") from None
+    stats = read_json(path, TrainInputError, " (run the tokenize stage first)")
     tok = stats.get("tokenizer")
     if not isinstance(tok, dict) or "added_tokens" not in tok:
         raise TrainInputError(f"{path}: field 'tokenizer.added_tokens' is missing")
@@ -201,27 +205,17 @@ def build_training_args(recipe: Recipe, out_dir: str | Path, has_eval: bool):
     else:
         warmup = min(float(t.warmup_ratio), 0.999999)
     eval_on = has_eval and t.eval_steps is not None
-    kwargs: dict[str, Any] = dict(
+    # recipe fields named as TrainingArguments names them, passed as they are
+    kwargs: dict[str, Any] = {name: getattr(t, name) for name in _SAME_NAME_ARGS}
+    kwargs.update(
         output_dir=str(Path(out_dir) / "checkpoints"),
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=warmup,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
         logging_strategy="steps",
-        logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if eval_on else "no",
         eval_steps=t.eval_steps if eval_on else None,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps if t.save_steps else 500,
-        save_total_limit=t.save_total_limit,
         save_only_model=False,
         seed=seed,
         data_seed=seed,
@@ -232,7 +226,6 @@ def build_training_args(recipe: Recipe, out_dir: str | Path, has_eval: bool):
         disable_tqdm=False,
         remove_unused_columns=False,
         label_names=[],
-        dataloader_num_workers=t.dataloader_num_workers,
         dataloader_pin_memory=cuda,
         push_to_hub=False,
         hub_token=None,
@@ -242,6 +235,27 @@ def build_training_args(recipe: Recipe, out_dir: str | Path, has_eval: bool):
 
         kwargs.update(training_args_kwargs(list(t.report_to), recipe.run_name))
     return TrainingArguments(**kwargs)
+
+
+def build_trainer(recipe: Recipe, model, tokenizer, args, train_ds, eval_ds=None, collator=None,
+                  callbacks: list | None = None):
+    """The :class:`orpo_core.training.trainer.ORPOTrainer` of a recipe: its ``orpo`` section and ``train.group_by_length``.
+
+    Args:
+        model, tokenizer: from :func:`orpo_core.models.loading.load_model` and the run's tokenizer.
+        args: :func:`build_training_args`' TrainingArguments.
+        train_ds, eval_ds: tokenized pair datasets (:data:`orpo_core.training.collator.REQUIRED_COLUMNS`).
+        collator: default :class:`ORPODataCollator` padding with the tokenizer's pad id (else eos).
+        callbacks: extra TrainerCallbacks (e.g. the Prefect progress callback).
+    """
+    from orpo_core.training.trainer import ORPOTrainer
+
+    if collator is None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        collator = ORPODataCollator(pad_token_id=pad_id)
+    return ORPOTrainer(model=model, args=args, orpo=recipe.orpo, group_by_length=recipe.train.group_by_length,
+                       train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator, processing_class=tokenizer,
+                       callbacks=list(callbacks or []))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -284,7 +298,6 @@ def run_training(
 
     from orpo_core.data.tokenize import check_tokenizer_matches, load_tokenized
     from orpo_core.models.loading import load_model, save_trained_model
-    from orpo_core.training.trainer import ORPOTrainer
 
     recipe.require_model()
     tokenized_dir = Path(tokenized_dir)
@@ -359,17 +372,7 @@ def run_training(
     report_to = list(recipe.train.report_to or [])
     # the tracker environment (local stores under out_dir/tracking) is process-wide: set for training only
     with offline_tracking_env(report_to, out_dir, recipe.run_name) as tracker_env:
-        trainer = ORPOTrainer(
-            model=model,
-            args=args,
-            orpo=recipe.orpo,
-            group_by_length=recipe.train.group_by_length,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            data_collator=collator,
-            processing_class=tokenizer,
-            callbacks=list(callbacks or []),
-        )
+        trainer = build_trainer(recipe, model, tokenizer, args, train_ds, eval_ds, collator, callbacks)
         train_result = trainer.train(resume_from_checkpoint=resume_from)
         eval_metrics: dict[str, float] = {}
         if eval_ds is not None:

@@ -171,11 +171,9 @@ def build_shared_batch(
     """Build the shared ``[B, L]`` layout from a ``[2B, T]`` pair batch.
 
     Args:
-        input_ids: ``[2B, T]`` int, rows ``0..B-1`` ``prompt + chosen``, ``B..2B-1``
-            ``prompt + rejected``, right padded (:class:`orpo_core.training.collator.ORPODataCollator`).
-        attention_mask: ``[2B, T]`` 0/1, 1 on real tokens (a prefix of each row).
-        completion_mask: ``[2B, T]`` 0/1, 1 on the completion tokens (contiguous, right after
-            the prompt, up to the row's end).
+        input_ids, attention_mask, completion_mask: the ``[2B, T]`` pair batch, laid out as
+            :func:`orpo_core.training.packing.build_packed_batch` takes it (the completion
+            contiguous, right after the prompt).
         mask_dtype: None or ``torch.bool``: boolean 4D mask (``sdpa``); a float dtype: additive
             mask in that dtype (``eager``).
         pad_token_id: id written into the shared padding positions (masked as keys).
