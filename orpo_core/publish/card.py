@@ -28,6 +28,8 @@ from orpo_core.io import fmt_value
 from orpo_core.evaluation.results import as_number, extract_metrics, pick_label
 
 ORPO_PAPER = "https://arxiv.org/abs/2403.07691"
+#: the card's body: a jinja2 template rendered by ``huggingface_hub.ModelCard.from_template``
+CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 ORPO_BIBTEX = """@article{hong2024orpo,
   title   = {ORPO: Monolithic Preference Optimization without Reference Model},
   author  = {Hong, Jiwoo and Lee, Noah and Thorne, James},
@@ -296,47 +298,26 @@ def ollama_template(chat_template: str, *, bos_token: str | None, eos_token: str
     return text + "{{ .Response }}" + (eos_token or ""), has_system
 
 
-def gguf_section(gguf_files: Iterable[Mapping[str, Any]], repo: str, chat_template: str | None, bos_token: str | None, eos_token: str | None) -> str:
-    """The model card's GGUF section: one table row per file (file, type, size in MB, sha256
-    prefix) and usage snippets for llama.cpp's CLI and an Ollama ``Modelfile`` whose
-    ``TEMPLATE`` is :func:`ollama_template` of the model's chat template ("" without files)."""
+def gguf_card_vars(gguf_files: Iterable[Mapping[str, Any]], repo: str, chat_template: str | None,
+                   bos_token: str | None, eos_token: str | None) -> dict[str, str]:
+    """What the card template's GGUF section shows ({} without files): one table row per file
+    (file, type, size in MB, sha256 prefix), the file and type of the usage snippets (the last
+    file), and an Ollama ``Modelfile`` whose ``TEMPLATE`` is :func:`ollama_template` of the
+    model's chat template."""
     files = list(gguf_files)
     if not files:
-        return ""
+        return {}
     rows = "\n".join(
         f"| `{f['file']}` | {str(f['quantization']).upper()} | {f['size'] / 1e6:.1f} MB | `{str(f.get('sha256', ''))[:16]}` |" for f in files
     )
-    first = files[-1]["file"]
-    modelfile = f"FROM ./{first}\n"
+    modelfile = f"FROM ./{files[-1]['file']}\n"
     if chat_template:
         tpl, _ = ollama_template(chat_template, bos_token=bos_token, eos_token=eos_token)
         modelfile += f'TEMPLATE """{tpl}"""\n'
     if eos_token:
         modelfile += f'PARAMETER stop "{eos_token}"\n'
-    return f"""
-## GGUF files (llama.cpp, Ollama)
-
-Exported with llama.cpp's `gguf` package (`orpo export RECIPE --gguf ...`); each file carries the
-tokenizer, the chat template (`tokenizer.chat_template`), the base model and the training recipe.
-
-| file | type | size | sha256 |
-|---|---|---:|---|
-{rows}
-
-llama.cpp (the chat template is read from the file):
-
-```bash
-llama-cli -m {first} -cnv -p "You are a helpful assistant."
-# or straight from the Hub
-llama-cli -hf {repo}:{str(files[-1]['quantization']).upper()} -cnv
-```
-
-Ollama `Modelfile` (then `ollama create {repo.split('/')[-1].lower()} -f Modelfile && ollama run {repo.split('/')[-1].lower()}`):
-
-```
-{modelfile.rstrip()}
-```
-"""
+    return {"gguf_rows": rows, "gguf_file": files[-1]["file"], "gguf_type": str(files[-1]["quantization"]).upper(),
+            "ollama_name": repo.split("/")[-1].lower(), "modelfile": modelfile.rstrip()}
 
 
 def build_model_card(
@@ -366,7 +347,7 @@ def build_model_card(
         secrets: exact strings that must never appear (redacted if found).
         gguf_files: exported GGUF files shipped next to the card (:func:`orpo_core.publish.gguf.export_gguf`
             results: ``file``, ``quantization``, ``size``, ``sha256``): listed with usage snippets
-            (:func:`gguf_section`); ``gguf`` is added to the tags.
+            (:func:`gguf_card_vars`); ``gguf`` is added to the tags.
         chat_template, bos_token, eos_token: the tokenizer's, for the Ollama ``Modelfile``.
 
     Returns:
@@ -419,66 +400,25 @@ def build_model_card(
 
     hp = "\n".join(["| hyper-parameter | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in hyperparameter_rows(
         recipe, train_metrics.get("precision") if isinstance(train_metrics, Mapping) else None)])
-    train_lines = ""
-    rows = final_metric_rows(train_metrics)
-    if rows:
-        train_lines = (
-            "\n### Final training metrics\n\n| metric | value |\n|---|---|\n"
-            + "\n".join(f"| `{k}` | {fmt_value(v)} |" for k, v in rows)
-            + "\n"
-        )
-    curves = "\n![training curves](training_curves.png)\n" if has_curves else ""
-    load = (
-        f'from peft import AutoPeftModelForCausalLM\nmodel = AutoPeftModelForCausalLM.from_pretrained("{repo}")'
-        if adapter_only
-        else f'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("{repo}")'
+    card = ModelCard.from_template(
+        data,
+        template_path=str(CARD_TEMPLATE),
+        model_name=model_name,
+        model_desc=model_desc,
+        paper_url=ORPO_PAPER,
+        adapter_only=adapter_only,
+        sources="\n".join(sources),
+        hyperparameters=hp,
+        final_metrics="\n".join(f"| `{k}` | {fmt_value(v)} |" for k, v in final_metric_rows(train_metrics)),
+        metrics_table=metrics_table(eval_data),
+        has_curves=has_curves,
+        repo=repo,
+        recipe_yaml=recipe_yaml(recipe, secrets).rstrip(),
+        bibtex=ORPO_BIBTEX,
+        **gguf_card_vars(gguf_files, repo, chat_template, bos_token, eos_token),
     )
-    body = f"""
-# {model_name}
+    content = str(card)
 
-This model is {model_desc} aligned with **ORPO** (Odds Ratio Preference Optimization, [Hong et al. 2024]({ORPO_PAPER})): a single-stage objective that adds an odds-ratio preference term to the supervised NLL loss, with no reference model (total loss = alpha · NLL(chosen) + beta · mean(−log σ(log odds(chosen) − log odds(rejected)))).
-{"It is a LoRA adapter; load it on top of the base model." if adapter_only else ""}
-
-## Training data
-
-{chr(10).join(sources)}
-
-## Hyper-parameters
-
-{hp}
-{train_lines}
-## Evaluation
-
-Preference metrics are measured on held-out pairs: accuracy is the share of pairs whose chosen response has a higher length-normalised log-probability than the rejected one, margin is beta · (log p(chosen) − log p(rejected)) as in TRL, log-odds as in the ORPO loss.
-
-{metrics_table(eval_data)}{curves}
-## Usage
-
-```python
-{load}
-from transformers import AutoTokenizer
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
-messages = [{{"role": "user", "content": "What is 4 + 3?"}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-out = model.generate(**inputs, max_new_tokens=64)
-print(tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-```
-{gguf_section(gguf_files, repo, chat_template, bos_token, eos_token)}
-## Training recipe
-
-The complete recipe this model was trained with (`orpo run <recipe.yaml>`; secrets removed):
-
-```yaml
-{recipe_yaml(recipe, secrets).rstrip()}
-```
-
-## Citation
-
-```bibtex
-{ORPO_BIBTEX}
-```
-"""
-    content = f"---\n{data.to_yaml()}\n---\n{body}"
     for secret in secrets:
         if secret:
             content = content.replace(secret, REDACTED)
