@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     spec = json.loads((Path(a.work_dir) / "spec.json").read_text())
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_train import matmul_peak_flops
+    from trainbench.flops import matmul_peak_flops
 
     matmul = matmul_peak_flops(n=spec.get("matmul_n", 2048), reps=spec.get("matmul_reps", 7),
                                dtype_name="bfloat16" if a.precision == "bf16" else "float32")["flops"] / 1e9
