@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from orpo_train_entry import load_safetensors_dir
+from tiny_recipe import tiny_recipe
 
 TRAIN = {
     "learning_rate": 1e-3,
@@ -31,22 +32,11 @@ TRAIN = {
 
 
 def _smoke(run_dir: Path, distributed: dict | None = None, **train) -> dict:
-    d = {
-        "run_name": "smoke-ddp",
-        "output_dir": str(run_dir),
-        "seed": 7,
-        "model": {
-            "name_or_path": "tiny",
-            "dtype": "float32",
-            "tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-                     "num_key_value_heads": 2},
-        },
-        "data": {"sources": [{"synthetic": {"n_rows": 80}}], "test_size": 0.2, "max_length": 64, "max_prompt_length": 48},
-        "orpo": {"beta": 0.1},
-        "train": {**TRAIN, **train},
-        "eval": {"bootstrap_samples": 20, "max_new_tokens": 4, "n_prompts": 1, "compare_base": False},
-        "hub": {"repo_id": "someone/smoke-ddp"},
-    }
+    d = tiny_recipe(
+        "smoke-ddp", run_dir, n_rows=80, orpo={"beta": 0.1}, train={**TRAIN, **train},
+        eval={"bootstrap_samples": 20, "max_new_tokens": 4, "n_prompts": 1, "compare_base": False},
+        hub={"repo_id": "someone/smoke-ddp"},
+    )
     if distributed is not None:
         d["train"]["distributed"] = distributed
     return d

@@ -10,29 +10,18 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app, parse_grid
+from tiny_recipe import tiny_recipe, write_recipe
 
 
 def _recipe(tmp_path: Path, **over) -> Path:
-    d = {
-        "run_name": "e2e",
-        "output_dir": str(tmp_path / "run"),
-        "seed": 7,
-        "model": {
-            "name_or_path": "tiny",
-            "dtype": "float32",
-            "tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
-        },
-        "data": {"sources": [{"synthetic": {"n_rows": 160}}], "test_size": 0.2, "max_length": 64, "max_prompt_length": 48},
-        "orpo": {"beta": 0.1},
-        "train": {"learning_rate": 1e-3, "max_steps": 4, "per_device_train_batch_size": 8, "logging_steps": 2},
-        "eval": {"bootstrap_samples": 50, "max_new_tokens": 4, "n_prompts": 1},
-        "hub": {"repo_id": "someone/e2e-tiny"},
-    }
+    d = tiny_recipe(
+        "e2e", tmp_path / "run", orpo={"beta": 0.1},
+        train={"learning_rate": 1e-3, "max_steps": 4, "per_device_train_batch_size": 8, "logging_steps": 2},
+        eval={"bootstrap_samples": 50, "max_new_tokens": 4, "n_prompts": 1}, hub={"repo_id": "someone/e2e-tiny"},
+    )
     for k, v in over.items():
         d[k] = {**d.get(k, {}), **v}
-    p = tmp_path / "recipe.yaml"
-    p.write_text(yaml.safe_dump(d))
-    return p
+    return write_recipe(tmp_path / "recipe.yaml", d)
 
 
 @pytest.mark.slow

@@ -14,30 +14,20 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 
 from prefect_server import ROOT, clean_env, wait_for
+from tiny_recipe import tiny_recipe, write_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 
 def _recipe(tmp_path: Path, max_steps: int) -> Path:
-    d = {
-        "run_name": "crash",
-        "output_dir": str(tmp_path / "run"),
-        "seed": 3,
-        "model": {
-            "name_or_path": "tiny",
-            "dtype": "float32",
-            "tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
-        },
-        "data": {"sources": [{"synthetic": {"n_rows": 160}}], "test_size": 0.2, "max_length": 64, "max_prompt_length": 48},
-        "train": {"learning_rate": 1e-3, "max_steps": max_steps, "per_device_train_batch_size": 4, "logging_steps": 10, "save_steps": 2, "eval_steps": 100000},
-        "eval": {"bootstrap_samples": 20, "max_new_tokens": 2, "n_prompts": 1},
-    }
-    p = tmp_path / "recipe.yaml"
-    p.write_text(yaml.safe_dump(d))
-    return p
+    return write_recipe(tmp_path / "recipe.yaml", tiny_recipe(
+        "crash", tmp_path / "run", seed=3,
+        train={"learning_rate": 1e-3, "max_steps": max_steps, "per_device_train_batch_size": 4, "logging_steps": 10,
+               "save_steps": 2, "eval_steps": 100000},
+        eval={"bootstrap_samples": 20, "max_new_tokens": 2, "n_prompts": 1},
+    ))
 
 
 def _orpo_run(recipe: Path, env: dict[str, str], log: Path, *extra: str) -> subprocess.Popen:

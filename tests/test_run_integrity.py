@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from tests.prefect_server import clean_env, wait_for
+from tiny_recipe import tiny_recipe, write_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,26 +30,15 @@ pytestmark = pytest.mark.slow
 
 
 def _recipe(tmp_path: Path, n_rows: int = 400, max_steps: int = 4) -> Path:
-    d = {
-        "run_name": "integrity",
-        "output_dir": str(tmp_path / "run"),
-        "seed": 3,
-        "model": {
-            "name_or_path": "tiny",
-            "dtype": "float32",
-            "tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "max_position_embeddings": 128, "tokenizer": "char"},
-        },
-        "data": {"sources": [{"synthetic": {"task": "arithmetic", "n_rows": n_rows}}], "test_size": 0.1, "max_length": 64,
-                 "max_prompt_length": 40},
-        "train": {"learning_rate": 1e-3, "max_steps": max_steps, "per_device_train_batch_size": 8, "logging_steps": 2,
-                  "save_steps": 1000, "eval_steps": 1000},
-        "eval": {"bootstrap_samples": 20, "max_new_tokens": 4, "prompts": [], "tasks": []},
-        "hub": {"repo_id": "someone/integrity-tiny", "push": False},
-    }
-    p = tmp_path / "recipe.yaml"
-    p.write_text(yaml.safe_dump(d))
-    return p
+    return write_recipe(tmp_path / "recipe.yaml", tiny_recipe(
+        "integrity", tmp_path / "run", seed=3, tiny={"max_position_embeddings": 128, "tokenizer": "char"},
+        data={"sources": [{"synthetic": {"task": "arithmetic", "n_rows": n_rows}}], "test_size": 0.1, "max_length": 64,
+              "max_prompt_length": 40},
+        train={"learning_rate": 1e-3, "max_steps": max_steps, "per_device_train_batch_size": 8, "logging_steps": 2,
+               "save_steps": 1000, "eval_steps": 1000},
+        eval={"bootstrap_samples": 20, "max_new_tokens": 4, "prompts": [], "tasks": []},
+        hub={"repo_id": "someone/integrity-tiny", "push": False},
+    ))
 
 
 def _orpo(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen:

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
+from tiny_recipe import tiny_recipe, write_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -116,25 +116,12 @@ def pool(tmp_path_factory):
 
 
 def _smoke(tmp_path: Path) -> Path:
-    d = {
-        "run_name": "fanout",
-        "output_dir": str(tmp_path / "run"),
-        "seed": 7,
-        "model": {
-            "name_or_path": "tiny",
-            "dtype": "float32",
-            "tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-                     "num_key_value_heads": 2},
-        },
-        "data": {"sources": [{"synthetic": {"n_rows": 60}}], "test_size": 0.2, "max_length": 64, "max_prompt_length": 48},
-        "orpo": {"beta": 0.1},
-        "train": {"learning_rate": 1e-3, "max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1},
-        "eval": {"bootstrap_samples": 20, "max_new_tokens": 2, "n_prompts": 1, "max_pairs": 8},
-        "hub": {"repo_id": "someone/fanout-tiny"},
-    }
-    p = tmp_path / "smoke.yaml"
-    p.write_text(yaml.safe_dump(d))
-    return p
+    return write_recipe(tmp_path / "smoke.yaml", tiny_recipe(
+        "fanout", tmp_path / "run", n_rows=60, orpo={"beta": 0.1},
+        train={"learning_rate": 1e-3, "max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1},
+        eval={"bootstrap_samples": 20, "max_new_tokens": 2, "n_prompts": 1, "max_pairs": 8},
+        hub={"repo_id": "someone/fanout-tiny"},
+    ))
 
 
 def _sweep(pool, recipe: Path, *args: str) -> subprocess.CompletedProcess:

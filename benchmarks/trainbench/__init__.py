@@ -19,15 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent  # the repository
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "preference" / "ultrafeedback_binarized_sample_train.jsonl"
 
 #: the benchmark model (issue reference configuration)
-MODEL_SHAPE = dict(
-    hidden_size=256,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    intermediate_size=768,
-    max_position_embeddings=1024,
-    tokenizer="gpt2",
-)
+MODEL_SHAPE = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                   intermediate_size=768, max_position_embeddings=1024, tokenizer="gpt2")
 
 #: TRL figures measured earlier on this machine class (issue reference)
 TRL_REFERENCE = {"s_per_step": 4.5, "tokens_per_s": 285.0, "peak_rss_gib": 3.5}
