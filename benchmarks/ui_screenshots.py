@@ -2,21 +2,29 @@
 
 Starts a temporary ``prefect server start`` (its own PREFECT_HOME, a free port, the UI on, and
 ``PREFECT_UI_API_URL`` pointing the UI at that port: without it the UI calls port 4200), runs
-the quickstart recipe twice (the second run all Cached) and a 2-point beta sweep against it with
-the ``orpo`` CLI, then takes headless Chromium screenshots of the second run's page, its
-Artifacts tab and the artifacts (run summary, evaluation, sample answers, model card, sweep
-report). Nothing is written into the repository: run outputs and PNGs go to ``--out``.
+the quickstart recipe twice (the second run all Cached), a 2-point beta sweep, and a training
+killed with SIGKILL mid-train followed by a new run (which marks the killed run Crashed and its
+progress artifact), all with the ``orpo`` CLI. Then headless Chromium, driven over the DevTools
+protocol, takes screenshots of the second run's page and Artifacts tab (the tab is clicked: the UI
+resets a ``?tab=`` link while the run loads), its cached train task run (Cache Key), every
+artifact (full length), the sweep run, the killed run's progress artifact and the runs list.
+Nothing is written into the repository: run outputs and PNGs go to ``--out``.
 
     python benchmarks/ui_screenshots.py --out /tmp/orpo_ui_shots --max-steps 10
 
-Needs ``chromium`` on PATH (``apt-get install -y chromium``). Takes ~15 min on a loaded 2-core CPU.
+``--skip-runs`` only takes the screenshots again, from the server home left in ``--out``.
+Needs ``chromium`` on PATH (``apt-get install -y chromium``). Takes ~10-15 min on a loaded 2-core CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -37,14 +45,83 @@ def api(url: str, path: str, body: dict | None = None):
         return json.loads(r.read())
 
 
-def shoot(chromium: str, url: str, path: Path, height: int = 1800) -> None:
-    """A full-window PNG of ``url`` after the page's scripts settled (virtual time budget)."""
-    subprocess.run(
-        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size=1600,{height}",
-         "--virtual-time-budget=60000", f"--screenshot={path}", url],
-        check=False, capture_output=True, timeout=180,
-    )
-    print(f"{path}: {'ok' if path.is_file() else 'MISSING'} <- {url}", flush=True)
+class Browser:
+    """One headless Chromium driven over the DevTools protocol (``websockets``, a Prefect dependency).
+
+    ``shoot`` loads a page at 1600 px wide, waits for the UI's requests to settle, optionally
+    clicks a tab by its label, and writes a PNG of ``height`` pixels (the UI scrolls inside its
+    own layout, so a tall page needs a tall window)."""
+
+    def __init__(self, chromium: str, profile: Path):
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--remote-debugging-port={port}",
+             f"--user-data-dir={profile}", "--window-size=1600,1800", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2).read())
+                page = next(t for t in targets if t.get("type") == "page")
+                break
+            except (OSError, StopIteration, ValueError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("chromium's DevTools endpoint did not come up") from None
+                time.sleep(0.5)
+        from websockets.sync.client import connect
+
+        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        self.next_id = 0
+
+    def cdp(self, method: str, **params):
+        """Send one DevTools command and return its result (events in between are skipped)."""
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=120))
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    def js(self, expr: str):
+        return self.cdp("Runtime.evaluate", expression=expr, returnByValue=True).get("result", {}).get("value")
+
+    def shoot(self, url: str, path: Path, height: int = 1800, click: str | None = None, settle_s: float = 6.0) -> None:
+        self.cdp("Emulation.setDeviceMetricsOverride", width=1600, height=height, deviceScaleFactor=1, mobile=False)
+        self.cdp("Page.navigate", url=url)
+        time.sleep(settle_s)
+        if click:
+            found = self.js(
+                "(() => { const el = [...document.querySelectorAll('button, [role=tab], a, li')]"
+                f".find(e => e.textContent.trim() === {json.dumps(click)}); if (el) {{ el.click(); return true }} return false }})()"
+            )
+            print(f"  clicked {click!r}: {found}", flush=True)
+            time.sleep(settle_s)
+        data = self.cdp("Page.captureScreenshot", format="png")["data"]
+        path.write_bytes(base64.b64decode(data))
+        print(f"{path}: {path.stat().st_size} bytes <- {url}", flush=True)
+
+    def close(self) -> None:
+        try:
+            self.ws.close()
+        finally:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+def wait_for_training_step(url: str, key: str, known_runs: set[str], min_step: int, timeout_s: float) -> dict:
+    """The progress artifact ``key`` of a flow run not in ``known_runs`` once its table shows
+    ``step >= min_step`` (TimeoutError after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for a in api(url, "/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 5}):
+            m = re.search(r"\|\s*step\s*\|\s*(\d+)", a.get("description") or "")
+            if a.get("flow_run_id") and a["flow_run_id"] not in known_runs and m and int(m.group(1)) >= min_step:
+                return a
+        time.sleep(1)
+    raise TimeoutError(f"no new {key} artifact reached step {min_step} in {timeout_s:.0f} s")
 
 
 def main() -> int:
@@ -87,39 +164,75 @@ def main() -> int:
             ("run2", [*cli, "run", "recipes/quickstart.yaml", *over]),
             ("sweep", [*cli, "sweep", "recipes/quickstart.yaml", "-g", "orpo.beta=0.05,0.2", *over]),
         ]
-        for name, cmd in steps:
+        for name, cmd in steps if not args.skip_runs else []:
             t0 = time.monotonic()
             with open(out / f"{name}.log", "wb") as f:
-                rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+                rc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
             print(f"{name}: rc {rc} in {time.monotonic() - t0:.0f} s", flush=True)
-        runs = api(url, "/flow_runs/filter", {"sort": "START_TIME_ASC", "limit": 20})
+        if not args.skip_runs:
+            # a training killed with SIGKILL mid-train (its own output folder, more steps), then a new run there
+            known = {fr["id"] for fr in api(url, "/flow_runs/filter", {"limit": 50})}
+            killed_over = [*over, "-s", f"output_dir={out / 'runs' / 'killed'}", "-s", f"train.max_steps={4 * args.max_steps}"]
+            t0 = time.monotonic()
+            with open(out / "killed.log", "wb") as f:
+                proc = subprocess.Popen([*cli, "run", "recipes/quickstart.yaml", *killed_over], cwd=ROOT, env=env, stdout=f,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+                try:
+                    art = wait_for_training_step(url, "quickstart-training-progress", known, 3, timeout_s=900)
+                finally:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=60)
+            print(f"killed: SIGKILL at {time.monotonic() - t0:.0f} s, progress artifact {art['id']} of flow run {art['flow_run_id']}", flush=True)
+            t0 = time.monotonic()
+            with open(out / "after_kill.log", "wb") as f:
+                rc = subprocess.run([*cli, "run", "recipes/quickstart.yaml", *killed_over], check=False, cwd=ROOT, env=env, stdout=f,
+                                    stderr=subprocess.STDOUT).returncode
+            print(f"after_kill: rc {rc} in {time.monotonic() - t0:.0f} s", flush=True)
+        runs = api(url, "/flow_runs/filter", {"sort": "START_TIME_ASC", "limit": 50})
         for fr in runs:
             print("flow run", fr["name"], fr["state"]["name"] if fr.get("state") else None, fr["tags"], flush=True)
         pipeline = [fr for fr in runs if "flow=pipeline" in fr["tags"]]
         sweep = [fr for fr in runs if "flow=sweep" in fr["tags"]]
+        crashed = [fr for fr in runs if fr.get("state") and fr["state"]["name"] == "Crashed"]
         second = pipeline[1] if len(pipeline) > 1 else pipeline[-1]
         arts = api(url, "/artifacts/filter", {"sort": "CREATED_DESC", "limit": 200})
-        by_key: dict[str, dict] = {}
+        by_key: dict[str, dict] = {}  # per key: the cached (second) run's artifact, else the latest
         for a in arts:
-            if a.get("key") and a["key"] not in by_key:
+            if a.get("key") and (a["key"] not in by_key or (a.get("flow_run_id") == second["id"] != by_key[a["key"]].get("flow_run_id"))):
                 by_key[a["key"]] = a
         for k, a in sorted(by_key.items()):
             print(f"artifact {k}: {a['type']}, {len(str(a.get('data') or ''))} chars, flow run {a.get('flow_run_id')}", flush=True)
+        tasks_of_second = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [second["id"]]}}})
+        for tr in tasks_of_second:
+            print(f"task run {tr['name']}: {tr['state']['name'] if tr.get('state') else None}, cache_key {tr.get('cache_key')}", flush=True)
         base = f"http://127.0.0.1:{port}"
-        shoot(chromium, f"{base}/runs/flow-run/{second['id']}", out / "01_cached_run.png")
-        shoot(chromium, f"{base}/runs/flow-run/{second['id']}?tab=Artifacts", out / "02_cached_run_artifacts.png")
-        for i, key in enumerate(["quickstart-summary", "quickstart-eval-results", "quickstart-eval-samples",
-                                 "quickstart-model-card", "quickstart-sweep", "quickstart-data-stats",
-                                 "quickstart-tokenization-stats", "quickstart-train-metrics"], start=3):
-            if key in by_key:
-                shoot(chromium, f"{base}/artifacts/artifact/{by_key[key]['id']}", out / f"{i:02d}_{key}.png", height=2400)
-        if sweep:
-            shoot(chromium, f"{base}/runs/flow-run/{sweep[-1]['id']}", out / "11_sweep_run.png")
-        shoot(chromium, f"{base}/runs", out / "12_runs_list.png")
+        browser = Browser(chromium, out / "chromium_profile")
+        try:
+            browser.shoot(f"{base}/runs/flow-run/{second['id']}", out / "01_cached_run.png")
+            browser.shoot(f"{base}/runs/flow-run/{second['id']}", out / "02_cached_run_artifacts.png", height=2400, click="Artifacts")
+            train = [tr for tr in tasks_of_second if tr["name"].startswith("train")]
+            if train:
+                browser.shoot(f"{base}/runs/task-run/{train[0]['id']}", out / "02b_cached_train_task.png", click="Details")
+            heights = {"quickstart-model-card": 7000, "quickstart-eval-results": 4000, "quickstart-summary": 2600,
+                       "quickstart-sweep": 3000, "quickstart-train-metrics": 3000}
+            for i, key in enumerate(["quickstart-summary", "quickstart-eval-results", "quickstart-eval-samples",
+                                     "quickstart-model-card", "quickstart-sweep", "quickstart-data-stats",
+                                     "quickstart-tokenization-stats", "quickstart-train-metrics"], start=3):
+                if key in by_key:
+                    browser.shoot(f"{base}/artifacts/artifact/{by_key[key]['id']}", out / f"{i:02d}_{key}.png", height=heights.get(key, 2000))
+            if sweep:
+                browser.shoot(f"{base}/runs/flow-run/{sweep[-1]['id']}", out / "11_sweep_run.png")
+                browser.shoot(f"{base}/runs/flow-run/{sweep[-1]['id']}", out / "11b_sweep_task_runs.png", click="Task Runs")
+            for fr in crashed[:1]:
+                prog = api(url, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [fr["id"]]}, "type": {"any_": ["progress"]}}})
+                for a in prog[:1]:
+                    print(f"progress artifact of crashed run {fr['name']}: {a.get('data')} %, description starts {(a.get('description') or '')[:80]!r}", flush=True)
+                    browser.shoot(f"{base}/artifacts/artifact/{a['id']}", out / "13_crashed_progress.png")
+                browser.shoot(f"{base}/runs/flow-run/{fr['id']}", out / "14_crashed_run.png", click="Artifacts")
+            browser.shoot(f"{base}/runs", out / "12_runs_list.png")
+        finally:
+            browser.close()
     finally:
-        import os
-        import signal
-
         try:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=20)

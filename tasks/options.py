@@ -115,12 +115,25 @@ class StageCachePolicy(CachePolicy):
     ``compute_key`` returns :func:`orpo_core.runs.cache.stage_cache_key`: the stamp's key when
     the output folder is intact and was produced under the same base key, else a fresh random
     key (cache miss).
+
+    The key is also written on the task run (``task_ctx.task_run.cache_key``): Prefect 3 keeps
+    its cache key in the result store only, while the UI's task-run page shows the task run's
+    ``cache_key`` field (Prefect 2's), which the server records from the task run that the
+    engine sends with each state change. Without this the page says "Cache Key None" for every
+    stage, cached or not.
     """
 
     stage: str = "prepare"
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
-        return stage_cache_key(self.stage, inputs)
+        key = stage_cache_key(self.stage, inputs)
+        task_run = getattr(task_ctx, "task_run", None)
+        if task_run is not None and key:
+            try:
+                task_run.cache_key = key
+            except (AttributeError, TypeError, ValueError):  # a frozen / foreign object: the UI field stays empty
+                pass
+        return key
 
 
 def load_recipe_dict(recipe):

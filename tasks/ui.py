@@ -36,7 +36,8 @@ def png_data_uri(path: str | Path, max_width_px: int = 900, colors: int = 64, ma
 
     The image is scaled down (Lanczos) to at most ``max_width_px`` pixels wide, keeping its
     aspect ratio, and stored with an adaptive palette of ``colors`` colours (line plots keep
-    their look; an 80 KB matplotlib figure becomes ~20-40 KB).
+    their look; an 80 KB matplotlib figure becomes ~20-40 KB). Transparent pixels are put on
+    white (the Prefect UI is dark: a transparent figure would show black on black).
 
     Returns:
         The URI, or None when the file is missing, not an image, or still larger than
@@ -49,9 +50,13 @@ def png_data_uri(path: str | Path, max_width_px: int = 900, colors: int = 64, ma
         return None
     try:
         with Image.open(p) as im:
-            im = im.convert("RGB")
+            im = im.convert("RGBA")
     except (OSError, UnidentifiedImageError):
         return None
+    # transparent pixels onto white: dropping alpha would turn them black, and the UI is dark
+    # (black lines on a black background show as an empty box)
+    white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+    im = Image.alpha_composite(white, im).convert("RGB")
     if im.width > max_width_px:
         im = im.resize((max_width_px, max(1, round(im.height * max_width_px / im.width))), Image.Resampling.LANCZOS)
     im = im.quantize(colors=colors, method=Image.Quantize.MEDIANCUT)

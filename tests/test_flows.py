@@ -196,6 +196,17 @@ def _task_states(flow_state) -> dict[str, str]:
     return {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in runs}
 
 
+def _task_cache_keys(flow_state) -> dict[str, str | None]:
+    """{task name: the task run's ``cache_key`` as the server recorded it} of a flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    fid = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fid])))
+    return {tr.name.rsplit("-", 1)[0]: tr.cache_key for tr in runs}
+
+
 def _run(flow_fn, **params):
     state = flow_fn(**params, return_state=True)
     return state.result(), _task_states(state), state
@@ -222,6 +233,12 @@ def test_rerun_cached_and_beta_change(prefect_harness, stages, tmp_path):
     assert {k: len(v) for k, v in stages.calls.items()} == {"prepare": 1, "tokenize": 1, "train": 1, "evaluate": 1}
     assert r2["metrics"] == r1["metrics"]
     _check_cached_run_summary(tmp_path, st1, st2)
+    # the UI's task-run page shows the task run's cache_key: set on every stage, and a Cached
+    # stage shows the key of the run that produced it
+    k1, k2 = _task_cache_keys(st1), _task_cache_keys(st2)
+    for stage in ALL_CACHED:
+        assert k1[stage] and k1[stage].startswith(f"{stage}-"), (stage, k1)
+        assert k2[stage] == k1[stage], (stage, k1, k2)
 
     # only orpo.beta changes: train and evaluate rerun, the data stages are cached
     r3, s3, _ = _run(orpo_pipeline, recipe=recipe, overrides=["orpo.beta=0.2"])

@@ -100,6 +100,21 @@ def test_png_data_uri_downscales_and_stays_small(tmp_path):
     assert ui.image_markdown(p, "curves").startswith("![curves](data:image/png;base64,")
 
 
+def test_png_data_uri_puts_transparent_figures_on_white(tmp_path):
+    """A transparent PNG (``savefig(transparent=True)``) must not become black on black in the dark UI."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGBA", (400, 100), (0, 0, 0, 0))
+    ImageDraw.Draw(im).line([(0, 50), (399, 50)], fill=(0, 0, 0, 255), width=4)
+    p = tmp_path / "transparent.png"
+    im.save(p)
+    uri = ui.png_data_uri(p)
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as out:
+        rgb = out.convert("RGB")
+        assert rgb.getpixel((10, 10)) == (255, 255, 255)  # background: white, not black
+        assert max(rgb.getpixel((200, 50))) < 64  # the line stays dark
+
+
 def test_eval_and_samples_markdown(tmp_path):
     p = tmp_path / "curves.png"
     p.write_bytes(_png(600, 200))
