@@ -171,7 +171,7 @@ def plot_sweep(rows: list[dict[str, Any]], metrics: list[str], path: Path, base:
 
     metrics = list(dict.fromkeys(metrics))
     fig, axes = plt.subplots(1, len(metrics), figsize=(max(5.0, 1.1 * len(rows) + 2) * len(metrics), 4.2), squeeze=False)
-    labels = [r["point"] for r in rows]
+    labels = [r.get("label") or r["point"] for r in rows]
     for ax, metric in zip(axes[0], metrics, strict=True):
         vals = [r.get(metric) if isinstance(r.get(metric), (int, float)) else math.nan for r in rows]
         cis = [r.get(f"{metric} ci") for r in rows]
