@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="bf16: bf16 autocast over float32 weights (train.precision: bf16); the probe runs in bf16 too")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, default=30, help="rows of the op table")
+    p.add_argument("--shapes", action="store_true", help="also a table grouped by op and input shapes")
     a = p.parse_args(argv)
 
     import torch
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     matmul = matmul_peak_flops(n=spec.get("matmul_n", 2048), reps=spec.get("matmul_reps", 7),
                                dtype_name="bfloat16" if a.precision == "bf16" else "float32")["flops"] / 1e9
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True)
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True, record_shapes=a.shapes)
     times: dict[str, float] = {}
 
     class Sequential(ot.ORPOTrainer):
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
     events = prof.key_averages()
     print(events.table(sort_by="self_cpu_time_total", row_limit=a.rows))
+    if a.shapes:
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=a.rows,
+                                                                  max_name_column_width=40, max_shapes_column_width=70))
     total_s = sum(e.self_cpu_time_total for e in events) / 1e6
     gemm = [e for e in events if e.key in GEMMS]
     gemm_s = sum(e.self_cpu_time_total for e in gemm) / 1e6
