@@ -16,9 +16,22 @@ tensor group at a time, all in transformers (no GGUF file, so only the weights d
    embedding stays float16 there), ``embed_f16`` (only the embedding rounded to float16),
    ``all`` (linear + embedding in Q8_0, as ``convert_hf_to_gguf.py --outtype q8_0``), and for
    scale ``bf16`` (every weight rounded to bfloat16, a common way to ship the same model);
+   ``act_only+act`` (weights float32, embedding float16) isolates the activation rounding;
+   ``+act`` after a variant (``linear+act``) also rounds the *inputs* of its Q8_0 linear layers
+   to Q8_0 blocks of 32 along the hidden axis, as llama.cpp's CPU backend does before its
+   Q8_0 x Q8_0 dot products (``vec_dot_type`` of Q8_0 is Q8_0; int32 sums per block times the
+   two scales equal the dequantized products); ``act:G1+G2`` rounds only the inputs of those
+   linear kinds (``qkv``, ``o``, ``gateup``, ``down``) with weights Q8_0 everywhere, and
+   ``f16:G`` writes linear kind ``G`` float16 (no activation rounding, as llama.cpp's f16
+   kernels round activations to f16 only) with the rest Q8_0 + activation rounding, i.e. what
+   ``llama-quantize --tensor-type ffn_down=f16`` would give;
 3. for each: top-1 agreement with its Wilson 95 % interval, KL(ref || variant), mean / max
    |logit diff|, and the reference's top-1 minus top-2 logit gap at the disagreeing positions
    (:func:`orpo_core.publish.gguf_roundtrip.compare_logits`).
+
+4. with ``--llama-f16 down[,o,...]``: real q8_0 exports read by llama.cpp (llama-cpp-python) on
+   the same texts: the plain q8_0 file, then one file per listed kind written float16 (the rest
+   Q8_0), to measure that lever where it matters.
 
     nice -n 5 python benchmarks/gguf_q8_diagnose.py --model RUN/train/model --n-texts 80 --json q8.json
 """
@@ -67,6 +80,33 @@ def q8_0_roundtrip(w: np.ndarray) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), Q), Q).reshape(w.shape)
 
 
+KINDS = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gateup": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+
+
+def _kind_of(name: str) -> str | None:
+    for g, keys in KINDS.items():
+        if any(k in name for k in keys):
+            return g
+    return None
+
+
+def q8_0_activations(x):
+    """torch: round a float tensor ``[..., K]`` (``K % 32 == 0``) through Q8_0 blocks along the last
+    axis (``d = amax / 127`` stored float16, round to nearest), as ggml's ``quantize_row_q8_0``."""
+    import torch
+
+    shape = x.shape
+    b = x.reshape(-1, shape[-1] // 32, 32).float()
+    d = b.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d == 0, torch.zeros_like(b), torch.round(b / torch.where(d == 0, torch.ones_like(d), d)))
+    return (q * d.half().float()).reshape(shape).to(x.dtype)
+
+
 def _group_of(name: str) -> str | None:
     for g, keys in GROUPS.items():
         if any(k in name for k in keys):
@@ -80,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="safetensors model folder (float32 reference)")
     ap.add_argument("--n-texts", type=int, default=80)
     ap.add_argument("--gguf", default=None, help="an exported q8_0 GGUF of --model to check against the reference quantizer")
-    ap.add_argument("--variants", default="linear,attn,mlp,embed,embed_f16,all,bf16")
+    ap.add_argument("--variants", default="linear,linear+act,act:qkv,act:o,act:gateup,act:down,f16:down,embed,all,bf16")
+    ap.add_argument("--llama-f16", default=None, help="linear kinds (qkv,o,gateup,down) to try float16 in llama.cpp")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -151,6 +192,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def variant_state(v: str) -> dict[str, torch.Tensor]:
         out = {}
+        if v.startswith("f16:"):
+            keep = v[4:]
+            for k, w in state.items():
+                if w.ndim == 2 and _kind_of(k) is not None:
+                    out[k] = torch.from_numpy(w.astype(np.float16).astype(np.float32) if _kind_of(k) == keep else q8_0_roundtrip(w))
+                elif w.ndim == 2 and _group_of(k) == "embed":
+                    out[k] = torch.from_numpy(w.astype(np.float16).astype(np.float32))
+            return out
+        if v.startswith("act:"):
+            return variant_state("linear")
         for k, w in state.items():
             g = _group_of(k)
             if w.ndim != 2 or g is None:
@@ -161,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 out[k] = torch.from_numpy(w.astype(np.float16).astype(np.float32))
             elif (v == "linear" and g in ("attn", "mlp")) or v == g or v == "all":
                 out[k] = torch.from_numpy(q8_0_roundtrip(w))
-            elif v == "linear" and g == "embed":  # the export keeps the tied embedding float16
+            elif v in ("linear", "act_only") and g == "embed":  # the export keeps the tied embedding float16
                 out[k] = torch.from_numpy(w.astype(np.float16).astype(np.float32))
         return out
 
@@ -169,14 +220,56 @@ def main(argv: list[str] | None = None) -> int:
     for v in [x for x in args.variants.split(",") if x]:
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-        missing = set(model.load_state_dict(variant_state(v), strict=False).unexpected_keys)
+        base_v = v[: -len("+act")] if v.endswith("+act") else v
+        missing = set(model.load_state_dict(variant_state(base_v), strict=False).unexpected_keys)
         assert not missing, missing
         model.tie_weights()
+        if v.endswith("+act"):  # attn / mlp: only that group's layers are Q8_0; act_only: fp32 weights
+            act_kinds = {"attn": {"qkv", "o"}, "mlp": {"gateup", "down"}}.get(base_v, set(KINDS))
+        elif v.startswith("act:"):
+            act_kinds = set(v[4:].split("+"))
+        elif v.startswith("f16:"):
+            act_kinds = set(KINDS) - {v[4:]}
+        else:
+            act_kinds = set()
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and _kind_of(name) in act_kinds:
+                mod.register_forward_pre_hook(lambda m, args: (q8_0_activations(args[0]),) + tuple(args[1:]))
         cmp = compare_logits(ref_logits, [logits_of(model, ids) for ids in text_ids])
         cmp["seconds"] = round(time.perf_counter() - t0, 1)
         report["variants"][v] = cmp
         print(f"{v}: {json.dumps(cmp)}", file=sys.stderr)
         del model
+    if args.llama_f16 is not None:
+        import orpo_core.publish.gguf as ge
+        from orpo_core.publish.gguf_roundtrip import LlamaCppRunner
+
+        gg_names = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gateup": ("ffn_gate", "ffn_up"),
+                    "down": ("ffn_down",)}
+        orig = ge._tensor_type
+        report["llama_cpp"] = {}
+        for keep in [""] + [k for k in args.llama_f16.split(",") if k]:
+            names = tuple(f".{n}.weight" for n in gg_names[keep]) if keep else ()
+
+            def patched(name, arr, quantization, tied=False, _names=names):
+                if _names and name.endswith(_names):
+                    return gguf.GGMLQuantizationType.F16, arr.astype(np.float16)
+                return orig(name, arr, quantization, tied)
+
+            ge._tensor_type = patched
+            try:
+                with tempfile.TemporaryDirectory(prefix="gguf-q8-lever-") as tmp:
+                    info = ge.export_gguf(model_dir, Path(tmp) / "m.Q8_0.gguf", "q8_0")
+                    t0 = time.perf_counter()
+                    runner = LlamaCppRunner(info["path"], n_ctx=1024)
+                    cmp = compare_logits(ref_logits, [runner.logits(ids) for ids in text_ids])
+                    del runner
+            finally:
+                ge._tensor_type = orig
+            label = f"q8_0, {keep} f16" if keep else "q8_0"
+            cmp.update(size=info["size"], tensor_types=info["tensor_types"], seconds=round(time.perf_counter() - t0, 1))
+            report["llama_cpp"][label] = cmp
+            print(f"llama.cpp {label}: {json.dumps(cmp)}", file=sys.stderr)
     report["load_average_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     text = json.dumps(report, indent=2)
     print(text)
