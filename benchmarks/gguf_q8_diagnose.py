@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     for v in [x for x in args.variants.split(",") if x]:
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-        base_v = v[: -len("+act")] if v.endswith("+act") else v
+        base_v = v.removesuffix("+act")
         missing = set(model.load_state_dict(variant_state(base_v), strict=False).unexpected_keys)
         assert not missing, missing
         model.tie_weights()
