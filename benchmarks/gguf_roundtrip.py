@@ -15,6 +15,10 @@ Figures (see :mod:`orpo_core.publish.gguf_roundtrip`), all against the safetenso
 * f16 via transformers' GGUF loader: max / mean |logit diff| over every position of the texts,
   top-1 agreement, greedy answers token-for-token equal (``--max-new-tokens``);
 * q8_0 via transformers: top-1 next-token agreement (target >= 98 %), logit diffs;
+* with each comparison: the Wilson 95 % interval of top-1 agreement, KL(float32 || GGUF) per
+  position, and the float32 model's top-1 minus top-2 logit gap at the disagreeing positions
+  (:func:`orpo_core.publish.gguf_roundtrip.compare_logits`); ``benchmarks/gguf_q8_diagnose.py``
+  splits a q8_0 loss by tensor group and by llama.cpp's activation rounding;
 * with llama-cpp-python: the same for f16 and q8_0 through llama.cpp, token ids of the texts
   equal to the tokenizer's, and the GGUF's chat template rendered by llama.cpp's
   ``Jinja2ChatFormatter`` equal to ``tokenizer.apply_chat_template``.

@@ -8,6 +8,7 @@ greedy answers (f16: within float16 rounding), the same token ids and chat templ
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from orpo_core.publish.gguf_roundtrip import (
     load_gguf_transformers,
     logits_of,
     render_gguf_template,
+    wilson_interval,
 )
 from gguf_helpers import TEXTS, build_tiny_llama
 
@@ -108,6 +110,83 @@ def test_q8_0_roundtrip_transformers(exports, ref):
     # 8-bit blocks: larger than f16's error, far below a layout error's
     assert cmp["max_abs_logit_diff"] <= 0.1 * cmp["max_abs_logit"], cmp
     assert cmp["top1_agreement"] >= 0.9, cmp
+
+
+def _q8_0_ggml_reference(w):
+    """ggml's quantize_row_q8_0_ref written out (ggml-quants.c): blocks of 32 along a row,
+    d = amax / 127 (float32, stored float16), q = roundf(x * (1 / d)) (half away from zero)."""
+    import numpy as np
+
+    x = np.ascontiguousarray(w, dtype=np.float32).reshape(-1, 32)
+    d = (np.abs(x).max(axis=1) / np.float32(127)).astype(np.float32)
+    inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, np.float32(1), d)).astype(np.float32)
+    v = (x * inv[:, None]).astype(np.float32)
+    q = (np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))).astype(np.int8)
+    return np.concatenate([d.astype(np.float16).view(np.uint8).reshape(-1, 2), q.view(np.uint8)], axis=1).reshape(-1)
+
+
+def test_q8_0_blocks_equal_ggml_reference(exports, llama_dir):
+    """Every Q8_0 tensor in the file holds exactly the bytes ggml's reference quantizer gives for
+    the (RoPE-permuted) float32 weight; a weight with a half-way value and an all-zero block included."""
+    import gguf
+    import numpy as np
+    from gguf import GGUFReader
+
+    import orpo_core.publish.gguf as ge
+
+    state = ge._load_state_dict(llama_dir)
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg["num_hidden_layers"])
+    n = 0
+    for t in GGUFReader(exports["q8_0"]["path"]).tensors:
+        if t.tensor_type != gguf.GGMLQuantizationType.Q8_0:
+            continue
+        hf = next(k for k in state if name_map.get_name(k, try_suffixes=(".weight", ".bias")) == t.name)
+        w = state[hf]
+        if "q_proj" in hf:
+            w = ge._permute_rope(w, cfg["num_attention_heads"])
+        elif "k_proj" in hf:
+            w = ge._permute_rope(w, cfg["num_key_value_heads"])
+        assert np.array_equal(np.asarray(t.data).reshape(-1), _q8_0_ggml_reference(w)), t.name
+        n += 1
+    assert n == 14
+    # ties and zeros: 0.5 d rounds away from zero (not to even), a zero block stays zero
+    w = np.zeros((2, 64), dtype=np.float32)
+    w[0, :32] = np.linspace(-1, 1, 32, dtype=np.float32)
+    w[0, 0], w[0, 1], w[0, 2] = 127.0, 0.5, -2.5  # d = 1 exactly, so 0.5 and -2.5 are exact halves
+    _, data = ge._tensor_type("blk.0.attn_v.weight", w, "q8_0")
+    assert np.array_equal(np.asarray(data).reshape(-1), _q8_0_ggml_reference(w))
+    q = np.asarray(data).reshape(2, 2, 34)[0, 0, 2:].view(np.int8)
+    assert q[0] == 127 and q[1] == 1 and q[2] == -3
+    assert not np.asarray(data).reshape(2, 2, 34)[1].any()
+
+
+def test_compare_logits_figures():
+    """Wilson interval, KL divergence and the near-tie gap at disagreements, on hand-made logits."""
+    import numpy as np
+
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(980, 1000) == pytest.approx((0.9693, 0.9870), abs=1e-4)
+    with pytest.raises(ValueError, match="successes 11 not in"):
+        wilson_interval(11, 10)
+    ref = np.array([[3.0, 2.9, 0.0], [5.0, 1.0, 0.0], [0.0, 4.0, 1.0], [1.0, 0.0, 0.5]], dtype=np.float32)
+    other = ref.copy()
+    other[0] = [2.9, 3.0, 0.0]  # a near tie flipped: gap 0.1
+    other[3] = [1.0, 2.0, 0.5]  # a clear change: gap 0.5 in the reference
+    cmp = compare_logits([ref], [other])
+    assert cmp["positions"] == 4 and cmp["disagreements"] == 2 and cmp["top1_agreement"] == 0.5
+    assert cmp["top1_agreement_ci95"] == pytest.approx(list(wilson_interval(2, 4)))
+    assert cmp["disagree_ref_gap"]["median"] == pytest.approx(0.3, abs=1e-6)
+    assert cmp["disagree_ref_gap"]["max"] == pytest.approx(0.5, abs=1e-6)
+    p = np.exp(ref[3]) / np.exp(ref[3]).sum()
+    qv = np.exp(other[3]) / np.exp(other[3]).sum()
+    p0 = np.exp(ref[0]) / np.exp(ref[0]).sum()
+    q0 = np.exp(other[0]) / np.exp(other[0]).sum()
+    kl = (p * np.log(p / qv)).sum() + (p0 * np.log(p0 / q0)).sum()
+    assert cmp["kl_mean"] == pytest.approx(kl / 4, rel=1e-5)
+    same = compare_logits([ref], [ref.copy()])
+    assert same["kl_mean"] == 0.0 and same["disagreements"] == 0 and same["disagree_ref_gap"] is None
 
 
 def test_wrong_rope_layout_is_caught(llama_dir, ref, tmp_path, monkeypatch):

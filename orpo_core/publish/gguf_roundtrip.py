@@ -35,6 +35,7 @@ __all__ = [
     "load_gguf_transformers",
     "logits_of",
     "compare_logits",
+    "wilson_interval",
     "greedy_ids",
     "llama_cpp_available",
     "LlamaCppRunner",
@@ -67,10 +68,50 @@ def logits_of(model: Any, ids: Sequence[int]) -> np.ndarray:
     return out.float().numpy()
 
 
-def compare_logits(ref: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> dict[str, float]:
-    """``max_abs_logit_diff``, ``max_abs_logit``, ``mean_abs_logit_diff``, ``top1_agreement`` and
-    ``positions`` over pairs of ``[T, V]`` logit arrays (same shapes)."""
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval ``(low, high)`` of a binomial proportion ``successes / n``
+    (default z: 95 %; Wilson, JASA 22 (1927) 209-212). ``(0.0, 1.0)`` when ``n == 0``.
+
+    Raises:
+        ValueError: ``successes`` outside ``[0, n]``.
+    """
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes {successes} not in [0, {n}]")
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def compare_logits(ref: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Agreement of two models' next-token logits over pairs of ``[T, V]`` float arrays (same shapes).
+
+    Returns:
+        ``max_abs_logit_diff`` / ``mean_abs_logit_diff`` (logits, over positions x vocabulary),
+        ``max_abs_logit`` (scale of ``ref``), ``top1_agreement`` (share of positions with the
+        same argmax) and ``top1_agreement_ci95`` (its Wilson 95 % interval, positions treated as
+        independent), ``positions``, ``kl_mean`` / ``kl_max`` (``KL(ref || other)`` of the
+        softmax distributions, nats per position, as llama.cpp's ``llama-perplexity
+        --kl-divergence``), ``disagreements`` and ``disagree_ref_gap`` (the reference's
+        top-1 minus top-2 logit at the disagreeing positions: ``median`` / ``p90`` / ``max``,
+        in logits) with ``ref_gap_median_all`` (the same gap over all positions, for scale).
+
+    Raises:
+        ValueError: shapes of a pair differ.
+    """
     diffs, agree, n, scale, total = 0.0, 0, 0, 0.0, 0.0
+    kl_sum, kl_max = 0.0, 0.0
+    gaps_dis: list[np.ndarray] = []
+    gaps_all: list[np.ndarray] = []
     for a, b in zip(ref, other):
         if a.shape != b.shape:
             raise ValueError(f"logit shapes differ: {a.shape} vs {b.shape}")
@@ -78,14 +119,34 @@ def compare_logits(ref: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> di
         diffs = max(diffs, float(d.max()))
         total += float(d.mean()) * a.shape[0]
         scale = max(scale, float(np.abs(a).max()))
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        same = a.argmax(-1) == b.argmax(-1)
+        agree += int(same.sum())
         n += a.shape[0]
+        la, lb = _log_softmax(a), _log_softmax(b)
+        kl = (np.exp(la) * (la - lb)).sum(-1)
+        kl_sum += float(kl.sum())
+        kl_max = max(kl_max, float(kl.max()))
+        top2 = np.sort(a, axis=-1)[:, -2:]
+        gap = top2[:, 1] - top2[:, 0]
+        gaps_all.append(gap)
+        gaps_dis.append(gap[~same])
+    lo, hi = wilson_interval(agree, n)
+    dis = np.concatenate(gaps_dis) if gaps_dis else np.zeros(0)
+    allg = np.concatenate(gaps_all) if gaps_all else np.zeros(0)
     return {
         "max_abs_logit_diff": diffs,
         "mean_abs_logit_diff": total / max(n, 1),
         "max_abs_logit": scale,
         "top1_agreement": agree / max(n, 1),
+        "top1_agreement_ci95": [lo, hi],
         "positions": n,
+        "kl_mean": kl_sum / max(n, 1),
+        "kl_max": kl_max,
+        "disagreements": int(n - agree),
+        "disagree_ref_gap": (
+            {"median": float(np.median(dis)), "p90": float(np.quantile(dis, 0.9)), "max": float(dis.max())} if dis.size else None
+        ),
+        "ref_gap_median_all": float(np.median(allg)) if allg.size else None,
     }
 
 
