@@ -50,6 +50,24 @@ def _load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def _reader_checks(checks: list[tuple[str, bool]], reader: str, q: str, cmp: dict, same_tok: float, template_equal: bool,
+                   f16_tol: float, greedy, prompt_ids: list[list[int]], ref_greedy: list[list[int]]) -> dict:
+    """The figures and pass/fail checks of one reader (transformers / llama.cpp) on one GGUF type:
+    f16 greedy answers equal and max |logit diff| <= ``f16_tol``; q8_0 top-1 agreement >= 0.98;
+    tokenization and chat template equal. Appends to ``checks``; returns the figures."""
+    entry = {**cmp, "tokenizer_equal": same_tok, "chat_template_equal": template_equal}
+    if q == "f16":
+        t0 = time.perf_counter()
+        entry["greedy_equal"] = sum(greedy(ids) == want for ids, want in zip(prompt_ids, ref_greedy)) / len(prompt_ids)
+        entry["greedy_seconds"] = round(time.perf_counter() - t0, 1)
+        checks += [(f"{reader} f16 greedy answers equal", entry["greedy_equal"] == 1.0),
+                   (f"{reader} f16 max |logit diff| <= {f16_tol}", cmp["max_abs_logit_diff"] <= f16_tol)]
+    else:
+        checks.append((f"{reader} q8_0 top-1 >= 0.98", cmp["top1_agreement"] >= 0.98))
+    checks += [(f"{reader} {q} tokenizer equal", same_tok == 1.0), (f"{reader} {q} chat template equal", template_equal)]
+    return entry
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "smollm2-instructions.yaml"))
@@ -70,16 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     from orpo_core.config import load_recipe
     from orpo_core.data.prepare import prepare_dataset
     from orpo_core.publish.gguf import export_gguf
-    from orpo_core.publish.gguf_roundtrip import (
-        LlamaCppRunner,
-        compare_logits,
-        gguf_metadata_string,
-        greedy_ids,
-        llama_cpp_available,
-        load_gguf_transformers,
-        logits_of,
-        render_gguf_template,
-    )
+    from orpo_core.publish.gguf_roundtrip import (LlamaCppRunner, compare_logits, gguf_metadata_string, greedy_ids,
+                                                  llama_cpp_available, load_gguf_transformers, logits_of, render_gguf_template)
     from orpo_core.publish.card import base_model_id
     from orpo_core.models.sources import resolve_model_path
 
@@ -131,16 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             load_s = time.perf_counter() - t0
             cmp = compare_logits(ref_logits, [logits_of(gmodel, ids) for ids in text_ids])
             same_tok = sum(gtok(t, add_special_tokens=False)["input_ids"] == ids for t, ids in zip(texts, text_ids)) / len(texts)
-            entry = {"load_seconds": round(load_s, 1), **cmp, "tokenizer_equal": same_tok,
-                     "chat_template_equal": gtok.chat_template == tok.chat_template}
-            if q == "f16":
-                g = [greedy_ids(gmodel, ids, args.max_new_tokens, tok.eos_token_id) for ids in prompt_ids]
-                entry["greedy_equal"] = sum(a == b for a, b in zip(g, ref_greedy)) / len(prompts)
-                checks += [("transformers f16 greedy answers equal", entry["greedy_equal"] == 1.0),
-                           (f"transformers f16 max |logit diff| <= {args.f16_tol}", cmp["max_abs_logit_diff"] <= args.f16_tol)]
-            else:
-                checks.append(("transformers q8_0 top-1 >= 0.98", cmp["top1_agreement"] >= 0.98))
-            checks += [(f"transformers {q} tokenizer equal", same_tok == 1.0), (f"transformers {q} chat template equal", entry["chat_template_equal"])]
+            entry = {"load_seconds": round(load_s, 1), **_reader_checks(
+                checks, "transformers", q, cmp, same_tok, gtok.chat_template == tok.chat_template, args.f16_tol,
+                lambda ids, m=gmodel: greedy_ids(m, ids, args.max_new_tokens, tok.eos_token_id), prompt_ids, ref_greedy)}
             report[f"transformers_{q}"] = entry
             print(f"transformers {q}: {json.dumps(entry)}", file=sys.stderr)
             del gmodel
@@ -167,19 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                 same_tok = sum(runner.tokenize(t) == ids for t, ids in zip(texts, text_ids)) / len(texts)
                 t0 = time.perf_counter()
                 cmp = compare_logits(ref_logits, [runner.logits(ids) for ids in text_ids])
-                entry = {"load_seconds": round(load_s, 1), "logits_seconds": round(time.perf_counter() - t0, 1), **cmp,
-                         "tokenizer_equal": same_tok,
-                         "metadata_chat_template_equal": runner.metadata.get("tokenizer.chat_template") == tok.chat_template}
-                if q == "f16":
-                    t0 = time.perf_counter()
-                    g = [runner.greedy(ids, args.max_new_tokens, tok.eos_token_id) for ids in prompt_ids]
-                    entry["greedy_seconds"] = round(time.perf_counter() - t0, 1)
-                    entry["greedy_equal"] = sum(a == b for a, b in zip(g, ref_greedy)) / len(prompts)
-                    checks += [("llama.cpp f16 greedy answers equal", entry["greedy_equal"] == 1.0),
-                               (f"llama.cpp f16 max |logit diff| <= {args.llama_f16_tol}", cmp["max_abs_logit_diff"] <= args.llama_f16_tol)]
-                else:
-                    checks.append(("llama.cpp q8_0 top-1 >= 0.98", cmp["top1_agreement"] >= 0.98))
-                checks += [(f"llama.cpp {q} tokenizer equal", same_tok == 1.0), (f"llama.cpp {q} chat template", entry["metadata_chat_template_equal"])]
+                entry = {"load_seconds": round(load_s, 1), "logits_seconds": round(time.perf_counter() - t0, 1), **_reader_checks(
+                    checks, "llama.cpp", q, cmp, same_tok, runner.metadata.get("tokenizer.chat_template") == tok.chat_template,
+                    args.llama_f16_tol, lambda ids, r=runner: r.greedy(ids, args.max_new_tokens, tok.eos_token_id), prompt_ids,
+                    ref_greedy)}
                 report[f"llama_cpp_{q}"] = entry
                 print(f"llama.cpp {q}: {json.dumps(entry)}", file=sys.stderr)
                 del runner
