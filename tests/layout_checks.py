@@ -63,3 +63,26 @@ def assert_same_outputs(a, b, grads_a, grads_b, tol=1e-5):
         scale = float(grads_b[n].abs().max())
         err = float((grads_a[n] - grads_b[n]).abs().max())
         assert err <= tol * max(scale, 1e-6), f"{n}: max |diff| {err:.3g} vs max |grad| {scale:.3g}"
+
+
+#: (attn_implementation, fused loss, peft) cases under which a batch layout must equal the padded forward
+LAYOUT_CASES = [
+    ("sdpa", True, None),
+    ("sdpa", False, None),
+    ("eager", True, None),
+    ("sdpa", True, {"method": "lora", "r": 4, "modules_to_save": ["embed_tokens"]}),
+]
+
+#: (prompt, chosen, rejected) lengths: different P, C, R, so every layout pads somewhere
+SPEC = [(3, 9, 2), (12, 1, 7), (6, 4, 4), (1, 3, 10)]
+
+
+def random_pairs(spec, vocab=250, seed=0):
+    """Tokenized pair rows of random ids in ``[3, vocab)`` with the given (P, C, R) lengths."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, (p, c, r) in enumerate(spec):
+        ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+        out.append({"prompt_input_ids": ids(p), "chosen_input_ids": ids(c), "rejected_input_ids": ids(r),
+                    "source": "s", "row_index": i})
+    return out

@@ -23,19 +23,9 @@ from orpo_core.training.packing import (
 from orpo_core.training.sharing import build_shared_batch, gather_pair_rows, layout_cost, sharing_pays
 from orpo_core.training.trainer import ORPOTrainer
 
-from layout_checks import assert_same_outputs, layout_trainer, loss_and_grads
+from layout_checks import LAYOUT_CASES, SPEC, assert_same_outputs, random_pairs, layout_trainer, loss_and_grads
 
-SPEC = [(3, 9, 2), (12, 1, 7), (6, 4, 4), (1, 3, 10)]  # different P, C, R; padding in every layout
-
-
-def _rows(spec, vocab=250, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i, (p, c, r) in enumerate(spec):
-        ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
-        out.append({"prompt_input_ids": ids(p), "chosen_input_ids": ids(c), "rejected_input_ids": ids(r),
-                    "source": "s", "row_index": i})
-    return out
+_rows = random_pairs
 
 
 # --------------------------------------------------------------------------- layout
@@ -143,15 +133,7 @@ def _smollm3_trainer(tmp_path, tiny_model_dir, tok, dataset, *, orpo=None, **kw)
                           orpo={"padding_free": True, "prompt_sharing": False, **(orpo or {})}, **kw)
 
 
-@pytest.mark.parametrize(
-    ("attn", "fused", "peft"),
-    [
-        ("sdpa", True, None),
-        ("sdpa", False, None),
-        ("eager", True, None),
-        ("sdpa", True, {"method": "lora", "r": 4, "modules_to_save": ["embed_tokens"]}),
-    ],
-)
+@pytest.mark.parametrize(("attn", "fused", "peft"), LAYOUT_CASES)
 def test_packed_equals_padded_smollm3(tmp_path, tiny_model_dir, tiny_tok, attn, fused, peft):
     rows = _rows(SPEC, vocab=min(len(tiny_tok), 250))
     tr = _smollm3_trainer(tmp_path, tiny_model_dir, tiny_tok, rows, attn=attn, peft=peft,

@@ -17,22 +17,12 @@ from orpo_core.training.sharing import (
 )
 from orpo_core.training.trainer import ORPOTrainer
 
-from layout_checks import TRL_NAMES, assert_same_outputs, layout_trainer, loss_and_grads
+from layout_checks import LAYOUT_CASES, SPEC, TRL_NAMES, random_pairs, assert_same_outputs, layout_trainer, loss_and_grads
 
 
 def _rows(tok, spec, seed=0):
     """Pairs of random real tokens with the given (P, C, R) lengths."""
-    g = torch.Generator().manual_seed(seed)
-    hi = min(len(tok), 250)
-    rows = []
-    for i, (p, c, r) in enumerate(spec):
-        ids = lambda n: torch.randint(3, hi, (n,), generator=g).tolist()  # noqa: E731
-        rows.append({"prompt_input_ids": ids(p), "chosen_input_ids": ids(c), "rejected_input_ids": ids(r),
-                     "source": "s", "row_index": i})
-    return rows
-
-
-SPEC = [(3, 9, 2), (12, 1, 7), (6, 4, 4), (1, 3, 10)]  # different P, C, R; padding in every layout
+    return random_pairs(spec, vocab=min(len(tok), 250), seed=seed)
 
 
 def _trainer(tmp_path, tiny_model_dir, tok, dataset, *, orpo=None, **kw):
@@ -119,16 +109,7 @@ def test_length_grouping_uses_shared_lengths(tmp_path, tiny_model_dir, tiny_tok)
 
 
 # --------------------------------------------------------------------------- equality with the unshared forward
-@pytest.mark.parametrize(
-    ("attn", "fused", "peft"),
-    [
-        ("sdpa", True, None),
-        ("sdpa", False, None),
-        ("eager", True, None),
-        ("sdpa", True, {"method": "lora", "r": 4, "modules_to_save": ["embed_tokens"]}),
-        ("eager", False, {"method": "lora", "r": 4}),
-    ],
-)
+@pytest.mark.parametrize(("attn", "fused", "peft"), [*LAYOUT_CASES, ("eager", False, {"method": "lora", "r": 4})])
 def test_shared_forward_equals_unshared(tmp_path, tiny_model_dir, tiny_tok, attn, fused, peft):
     rows = _rows(tiny_tok, SPEC)
     tr = _trainer(tmp_path, tiny_model_dir, tiny_tok, rows, attn=attn, peft=peft, orpo={"fused_loss": fused}, max_steps=1)
