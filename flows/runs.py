@@ -38,24 +38,19 @@ def run_stage(task_obj, states: dict[str, str], name: str, **params: Any) -> dic
 
 
 def export_and_push(states: dict[str, str], r, d: dict[str, Any], out: Path, model_dir: str, eval_json: str, *,
-                    dry_run: bool, export_task=None, push_task=None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                    dry_run: bool, export_task, push_task) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The publishing stages of a run: GGUF export (only when the recipe's ``hub.gguf`` names
     types) into ``<out>/export``, then the hub folder / upload into ``<out>/hub``; a real upload
     is recorded in ``<out>/published.json``.
 
     Args:
         r, d: the loaded recipe and its dict (the tasks' ``recipe`` parameter).
-        export_task, push_task: the task objects (default: ``tasks.export_task`` / ``tasks.push_task``;
-            flows pass their module's own so tests can change their retry options).
+        export_task, push_task: the task objects (each flow passes its module's own, so tests can
+            change their retry options).
 
     Returns:
         ``(push result, export result or None)``. Raises what the tasks raise after their retries.
     """
-    if export_task is None or push_task is None:
-        import tasks
-
-        export_task = export_task or tasks.export_task
-        push_task = push_task or tasks.push_task
     ex = None
     if r.hub.gguf:  # GGUF files shipped with the model (orpo_core.publish.gguf)
         ex = run_stage(export_task, states, "export", recipe=d, model_dir=model_dir, out_dir=str(out / "export"),

@@ -222,9 +222,9 @@ def _row_lengths(input_ids, attention_mask, completion_mask) -> tuple[torch.Tens
     expected = cols[None] < lens[:, None]
     bad = (attn != expected).any(1) | (comp != (expected & (cols[None] >= starts[:, None]))).any(1) | (lens == 0)
     if bool(bad.any()):
-        raise ValueError(
-            f"padding-free packing: row {int(bad.nonzero()[0])} of the pair batch is not 'prompt then completion, right "
-            "padded' (a non-empty row, the completion up to the row end, padding only at the end)")
+        raise ValueError(f"padding-free packing: row {int(bad.nonzero()[0])} of the pair batch is not 'prompt then "
+                         "completion, right padded' (a non-empty row, the completion up to the row end, padding only "
+                         "at the end)")
     return lens, starts
 
 

@@ -67,9 +67,10 @@ def _strip_json_fence(value: str) -> str:
 class Verifier:
     """Base class: an instruction id, its keyword arguments, a description and a check.
 
-    Subclasses set :attr:`id`, :attr:`kwarg_types` (name -> accepted Python
-    type(s); all required; an ``int`` must be >= 1, a ``str`` non-blank and is stored
-    stripped, a ``list`` a non-empty list of non-blank strings), :attr:`template` (or override :meth:`_describe`) and implement :meth:`_follows`.
+    Subclasses set :attr:`id`, :attr:`kwarg_types` (name -> accepted Python type(s); all
+    required; an ``int`` must be >= 1, a ``str`` non-blank and is stored stripped, a ``list``
+    a non-empty list of non-blank strings) and :attr:`template` (or override :meth:`_describe`),
+    and implement :meth:`_follows`.
 
     Raises:
         ConstraintError: missing, unexpected or badly typed keyword arguments,
@@ -245,7 +246,7 @@ class EndChecker(Verifier):
     template = "Finish your response with this exact phrase {end_phrase}. No other words should follow this phrase."
 
     def _follows(self, response: str) -> bool:
-        return response.strip().strip('"').lower().endswith(self.kwargs["end_phrase"].strip().lower())
+        return response.strip().strip('"').lower().endswith(self.kwargs["end_phrase"].lower())
 
 
 class Quotation(Verifier):
@@ -321,7 +322,7 @@ class Postscript(Verifier):
     template = "At the end of your response, please explicitly add a postscript starting with {postscript_marker}"
 
     def _follows(self, response: str) -> bool:
-        marker = self.kwargs["postscript_marker"].strip()
+        marker = self.kwargs["postscript_marker"]
         value = response.lower()
         if marker == "P.P.S":
             pattern = r"\s*p\.\s?p\.\s?s.*$"
