@@ -70,6 +70,9 @@ LOCAL_TASKS: dict[str, LocalTask] = {
     "boolq": LocalTask("orpo_local_boolq", "boolq_dev.jsonl", "boolq"),
     "lambada_openai": LocalTask("orpo_local_lambada_openai", "lambada_openai_test.jsonl", "lambada_openai"),
     "ifeval": LocalTask("orpo_local_ifeval", "ifeval_input.jsonl", "ifeval"),
+    # Google's IFEval split in two halves by position in the file: even = development, odd = reserved test
+    "ifeval_dev": LocalTask("orpo_local_ifeval_dev", "ifeval_input.jsonl", "ifeval"),
+    "ifeval_test": LocalTask("orpo_local_ifeval_test", "ifeval_input.jsonl", "ifeval"),
 }
 _BY_LOCAL_NAME = {t.name: t for t in LOCAL_TASKS.values()}
 

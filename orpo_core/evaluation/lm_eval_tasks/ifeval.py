@@ -17,6 +17,28 @@ ensure_punkt_tab()
 from lm_eval.tasks.ifeval import utils as _upstream  # noqa: E402  (needs punkt_tab at import)
 
 
+def _positions(dataset, parity: int):
+    return dataset.filter(lambda _doc, i: i % 2 == parity, with_indices=True)
+
+
+def dev_docs(dataset):
+    """The development half of Google's IFEval: the prompts at even positions of the file (0, 2, 4, ...).
+
+    Args:
+        dataset: a ``datasets.Dataset`` of the 541 rows of ``ifeval_input.jsonl`` in file order.
+
+    Returns:
+        the 271 rows at even positions, in file order (lm-eval's ``doc_id`` is the position in this half).
+    """
+    return _positions(dataset, 0)
+
+
+def test_docs(dataset):
+    """The reserved test half: the prompts at odd positions of the file (1, 3, 5, ...; 270 of 541).
+    Nothing (recipe, generator choice, hyper-parameter) is tuned on it."""
+    return _positions(dataset, 1)
+
+
 def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, Any]:
     """lm-eval ``lm_eval/tasks/ifeval/utils.py::process_results`` (strict and loose, prompt and instruction level)."""
     return _upstream.process_results(doc, results)
