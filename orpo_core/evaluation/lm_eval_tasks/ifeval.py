@@ -1,6 +1,6 @@
 """Scoring of the offline ``orpo_local_ifeval`` task: lm-eval's own ifeval functions,
 imported only after NLTK's ``punkt_tab`` tables are made available offline
-(:func:`orpo_core.evaluation.nltk_data.ensure_punkt_tab`), so lm-eval's import-time
+(:func:`orpo_core.data.nltk_data.ensure_punkt_tab`), so lm-eval's import-time
 ``nltk.download("punkt_tab")`` is never reached.
 
 Referenced by ``orpo_local_ifeval.yaml`` as ``!function orpo_core.evaluation.lm_eval_tasks.ifeval.<name>``.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orpo_core.evaluation.nltk_data import ensure_punkt_tab
+from orpo_core.data.nltk_data import ensure_punkt_tab
 
 ensure_punkt_tab()
 
