@@ -1,0 +1,162 @@
+"""On-policy preference pairs for instruction following: the model answers IFEval-like
+requests, IFEval's checks judge the answers, and a failing answer is paired with its minimal
+repair.
+
+For each request (:func:`orpo_core.data.synthetic.instructions.requests.make_requests`) the
+model being trained samples one answer through its chat template. Then, checked with lm-eval's
+IFEval checkers (:mod:`orpo_core.data.synthetic.instructions.checks`):
+
+* the answer breaks an instruction and :func:`~orpo_core.data.synthetic.instructions.repair.repair`
+  can edit it (its unfinished last sentence cut when the token budget ended it,
+  :func:`complete_sentences`) into one that follows all of them: ``chosen`` = the repaired answer,
+  ``rejected`` = the model's own answer (the pair differs only where an instruction asks);
+* the answer already follows every instruction, or cannot be repaired: no pair (counted).
+
+This is the "on-policy, minimally repaired" recipe of the project's issue 20; rejected answers
+are exactly what the model writes today, so the odds-ratio term pushes down its own failure
+modes. Rows are in the normalized schema (``prompt`` = [user message], ``chosen`` /
+``rejected`` = [assistant message]) plus ``constraints`` (JSON: IFEval's
+``instruction_id_list`` and ``kwargs``), ``kind`` and ``topic``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+from orpo_core.data.synthetic.instructions.checks import check
+from orpo_core.data.synthetic.instructions.repair import repair
+
+__all__ = ["SOURCE", "build_pairs", "complete_sentences", "sample_answers"]
+
+SOURCE = "onpolicy:instructions"
+_CLOSED = re.compile(r"""[.!?]["')\]*]*$""")
+
+
+def complete_sentences(text: str) -> str:
+    """``text`` without a trailing unfinished sentence (an answer cut by the token budget).
+
+    Text that already ends with ``.``, ``!`` or ``?`` (optionally followed by closing quotes,
+    brackets or ``*``) is returned unchanged; otherwise it is cut after the last such end, or
+    returned unchanged when it has none.
+    """
+    t = text.rstrip()
+    if not t or _CLOSED.search(t):
+        return t
+    ends = [m.end() for m in re.finditer(r"""[.!?]["')\]*]*(?=\s)""", t)]
+    return t[: ends[-1]] if ends else t
+
+
+def sample_answers(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int = 0,
+) -> list[str]:
+    """One sampled answer per prompt, through the tokenizer's chat template.
+
+    Args:
+        model: a causal LM (eval mode, on its device).
+        tokenizer: its tokenizer, with a chat template.
+        prompts: user messages.
+        max_new_tokens: generation budget per answer (tokens).
+        batch_size: prompts per ``generate`` call (left padding; prompts are sorted by length
+            so a batch pads little, and answers are returned in input order).
+        temperature, top_p: sampling settings (``temperature <= 0``: greedy).
+        seed: ``torch.manual_seed`` before each batch (reproducible on one machine).
+
+    Returns:
+        the decoded answers (special tokens removed, stripped), aligned with ``prompts``.
+    """
+    import torch
+
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[str] = [""] * len(texts)
+    device = next(model.parameters()).device
+    try:
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            torch.manual_seed(seed + b)
+            kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id}
+            kw |= {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+            with torch.inference_mode():
+                gen = model.generate(**enc, **kw)
+            for row, i in enumerate(idx):
+                out[i] = tokenizer.decode(gen[row, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def build_pairs(requests: list[dict[str, Any]], answers: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Preference rows from answers judged by IFEval's checks (see the module docstring).
+
+    Args:
+        requests: IFEval-format rows (``prompt``, ``instruction_id_list``, ``kwargs``, ``kind``, ``topic``).
+        answers: one answer per request.
+
+    Returns:
+        (rows, stats). ``stats``: ``n_requests``, ``answers_following_all`` (prompt-level
+        strict accuracy of the sampled answers), ``answers_instruction_acc``, ``pairs``,
+        ``unrepairable``, ``empty_answers`` and per instruction id ``{"n", "followed", "pairs"}``.
+
+    Raises:
+        ValueError: ``answers`` and ``requests`` differ in length.
+    """
+    if len(requests) != len(answers):
+        raise ValueError(f"{len(requests)} requests but {len(answers)} answers")
+    rows: list[dict[str, Any]] = []
+    per: dict[str, dict[str, int]] = {}
+    n_follow = n_inst = n_inst_ok = n_unrep = n_empty = 0
+    for k, (req, ans) in enumerate(zip(requests, answers)):
+        verdicts = check(ans, req["instruction_id_list"], req["kwargs"], req["prompt"])
+        n_inst += len(verdicts)
+        n_inst_ok += sum(verdicts)
+        for iid, ok in zip(req["instruction_id_list"], verdicts):
+            d = per.setdefault(iid, {"n": 0, "followed": 0, "pairs": 0})
+            d["n"] += 1
+            d["followed"] += int(ok)
+        if not ans.strip():
+            n_empty += 1
+            continue
+        if all(verdicts):
+            n_follow += 1
+            continue
+        fixed = repair(complete_sentences(ans), req, pick=k)
+        if fixed is None:
+            n_unrep += 1
+            continue
+        for iid in req["instruction_id_list"]:
+            per[iid]["pairs"] += 1
+        rows.append({
+            "prompt": [{"role": "user", "content": req["prompt"]}],
+            "chosen": [{"role": "assistant", "content": fixed}],
+            "rejected": [{"role": "assistant", "content": ans}],
+            "source": SOURCE,
+            "constraints": json.dumps([{"id": i, "kwargs": kw} for i, kw in zip(req["instruction_id_list"], req["kwargs"])]),
+            "kind": req.get("kind"),
+            "topic": req.get("topic"),
+        })
+    stats = {
+        "n_requests": len(requests),
+        "answers_following_all": n_follow / len(requests) if requests else None,
+        "answers_instruction_acc": n_inst_ok / n_inst if n_inst else None,
+        "pairs": len(rows),
+        "unrepairable": n_unrep,
+        "empty_answers": n_empty,
+        "per_instruction": dict(sorted(per.items())),
+        "created_unix": time.time(),
+    }
+    return rows, stats
