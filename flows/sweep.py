@@ -368,8 +368,11 @@ def _add_eval_metrics(row: dict[str, Any], eval_json: str, gate: str) -> None:
 REPORT_METRICS = ("preference/accuracy", "preference/margin", "perplexity/chosen")
 #: short column headers of the sweep table (the full metric names are in the notes under it)
 SHORT = {"preference/accuracy": "acc", "preference/margin": "margin", "perplexity/chosen": "ppl",
-         "preference/log_odds": "log-odds", "ifeval/prompt_level_strict_acc": "ifeval prompt",
-         "ifeval/inst_level_strict_acc": "ifeval inst", "train_loss": "train loss", "eval_loss": "eval loss"}
+         "preference/log_odds": "log-odds", "instructions/prompt_level_strict_acc": "instr. prompt",
+         "instructions/inst_level_strict_acc": "instr. inst",
+         "lm_eval/ifeval_dev/prompt_level_strict_acc,none": "IFEval dev prompt",
+         "lm_eval/ifeval_dev/inst_level_strict_acc,none": "IFEval dev inst",
+         "train_loss": "train loss", "eval_loss": "eval loss"}
 
 
 def _short(metric: str) -> str:

@@ -27,7 +27,14 @@ from orpo_core.io import fmt_value
 MAX_IMAGE_BYTES = 150_000
 
 #: headline metrics of the run summary (after the gate metric), when the evaluation reported them
-HEADLINE_METRICS = ("preference/accuracy", "preference/margin", "perplexity/chosen", "ifeval/prompt_level_strict_acc")
+HEADLINE_METRICS = (
+    "preference/accuracy",
+    "preference/margin",
+    "perplexity/chosen",
+    "instructions/prompt_level_strict_acc",
+    "lm_eval/ifeval_dev/prompt_level_strict_acc,none",
+    "lm_eval/ifeval_dev/inst_level_strict_acc,none",
+)
 
 
 # --------------------------------------------------------------------------- images
@@ -251,10 +258,11 @@ def _esc(text: Any) -> str:
 
 def samples_markdown(eval_data: Mapping[str, Any], run_name: str, max_chars: int = 400) -> str:
     """The sample-answers artifact: the greedy answers of base and trained side by side for
-    the recipe's prompts (``eval.json["generations"]``) and the instruction-following examples
-    with pass / fail per constraint (``eval.json["instructions"]``); empty when there are none.
+    the recipe's prompts (``eval.json["generations"]``), the instruction-following examples
+    with pass / fail per constraint (``eval.json["instructions"]``) and lm-eval's IFEval answers
+    with Google's checks (``eval.json["lm_eval"]["examples"]``); empty when there are none.
     Answers longer than ``max_chars`` characters are cut (``…``)."""
-    from orpo_core.evaluation.report import instruction_markdown
+    from orpo_core.evaluation.report import instruction_markdown, lm_eval_examples_markdown
 
     lines: list[str] = []
     gens = [g for g in (eval_data.get("generations") or []) if isinstance(g, Mapping)]
@@ -274,6 +282,11 @@ def samples_markdown(eval_data: Mapping[str, Any], run_name: str, max_chars: int
         if not lines:
             lines += [f"# Sample answers of {run_name}", ""]
         lines += instruction_markdown(dict(eval_data))
+    lm = lm_eval_examples_markdown(dict(eval_data)) if eval_data.get("metrics") else []
+    if lm:
+        if not lines:
+            lines += [f"# Sample answers of {run_name}", ""]
+        lines += lm
     return "\n".join(lines).strip() + ("\n" if lines else "")
 
 

@@ -292,4 +292,4 @@ def test_prefect_artifact_markdown_is_the_report_section():
         "instructions": {"n_prompts": 2, "source": "x", "max_new_tokens": 8, "examples": []},
     }
     md = instruction_artifact_markdown(report)
-    assert md.startswith("## Instruction following") and "| `ifeval/prompt_level_strict_acc` | 0.5000 [0.000, 1.000] |" in md
+    assert md.startswith("## Instruction following") and f"| `{PROMPT_LEVEL}` | 0.5000 [0.000, 1.000] |" in md

@@ -13,7 +13,9 @@ read the files in ``eval.tasks_dir`` instead of downloading from the Hub. The
 user-facing names map to the local versions when their data file exists; when it
 does not, the upstream task is used if the Hub may be reachable, and it is an
 error when the Hub is offline (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``).
-``orpo_local_<name>`` always requires the file.
+``orpo_local_<name>`` always requires the file, and so do ``ifeval_dev`` / ``ifeval_test`` (Google's
+IFEval split by position in the file: even = development half, odd = reserved test half), which have
+no upstream equivalent.
 
 At run time the templates are copied into a temporary include folder with the
 absolute data folder substituted into ``dataset_kwargs.data_files``, and
@@ -59,6 +61,7 @@ class LocalTask:
     name: str
     data_file: str
     upstream: str
+    subset: str | None = None
 
 
 LOCAL_TASKS: dict[str, LocalTask] = {
@@ -71,10 +74,17 @@ LOCAL_TASKS: dict[str, LocalTask] = {
     "lambada_openai": LocalTask("orpo_local_lambada_openai", "lambada_openai_test.jsonl", "lambada_openai"),
     "ifeval": LocalTask("orpo_local_ifeval", "ifeval_input.jsonl", "ifeval"),
     # Google's IFEval split in two halves by position in the file: even = development, odd = reserved test
-    "ifeval_dev": LocalTask("orpo_local_ifeval_dev", "ifeval_input.jsonl", "ifeval"),
-    "ifeval_test": LocalTask("orpo_local_ifeval_test", "ifeval_input.jsonl", "ifeval"),
+    "ifeval_dev": LocalTask("orpo_local_ifeval_dev", "ifeval_input.jsonl", "ifeval", "development half: even positions, 271 prompts"),
+    "ifeval_test": LocalTask("orpo_local_ifeval_test", "ifeval_input.jsonl", "ifeval", "reserved test half: odd positions, 270 prompts"),
 }
 _BY_LOCAL_NAME = {t.name: t for t in LOCAL_TASKS.values()}
+
+#: upstream tasks whose per-document results :func:`run_lm_eval` keeps (lm-eval ``log_samples``), and the
+#: per-document metrics kept: a bool per prompt (``prompt_level_*``) and a list of bools, one per
+#: instruction of the prompt (``inst_level_*``, aggregated by lm-eval's ``agg_inst_level_acc``)
+PER_SAMPLE_METRICS: dict[str, tuple[str, ...]] = {
+    "ifeval": ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc"),
+}
 
 
 @dataclass
@@ -87,6 +97,7 @@ class ResolvedTask:
         local: whether it is an offline task.
         data_file: absolute path of the offline data file (None for registered tasks).
         upstream: the upstream lm-eval task it mirrors (or itself).
+        subset: which documents of the data file it reads, when not all (``ifeval_dev``: the even positions).
     """
 
     requested: str
@@ -94,6 +105,7 @@ class ResolvedTask:
     local: bool
     data_file: str | None
     upstream: str
+    subset: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,10 +171,11 @@ def resolve_tasks(names: list[str], tasks_dir: str | os.PathLike) -> list[Resolv
         if spec is not None:
             f = data_dir / spec.data_file
             if f.is_file():
-                out.append(ResolvedTask(name, spec.name, True, str(f), spec.upstream))
+                out.append(ResolvedTask(name, spec.name, True, str(f), spec.upstream, spec.subset))
                 continue
-            if name.startswith(LOCAL_PREFIX):
-                problems.append(f"offline task {name!r}: data file {f} does not exist (eval.tasks_dir={tasks_dir!s})")
+            if name.startswith(LOCAL_PREFIX) or spec.subset:
+                why = "" if name.startswith(LOCAL_PREFIX) else f" (the upstream {spec.upstream!r} has no such subset: {spec.subset})"
+                problems.append(f"offline task {name!r}: data file {f} does not exist (eval.tasks_dir={tasks_dir!s}){why}")
                 continue
             if hub_offline():
                 problems.append(
@@ -246,7 +259,10 @@ def run_lm_eval(
         "n_shot", "higher_is_better"}}, "tasks": {<task>: {... task versions, n-shot,
         higher_is_better, n-samples, lm-eval name, data file}}, "lm_eval_version"}``.
         ``<metric>`` is lm-eval's own key, e.g. ``acc,none``; sub-tasks of a group keep
-        their lm-eval names.
+        their lm-eval names. For tasks of :data:`PER_SAMPLE_METRICS` (``ifeval``, ``ifeval_dev``,
+        ``ifeval_test``) lm-eval logs its samples and ``"samples": {<task>: [...]}`` holds each
+        document's verdicts and generation (:func:`per_sample_results`), which the paired
+        base-vs-trained intervals need (:mod:`.lm_eval_paired`).
     """
     if not tasks:
         return {"metrics": {}, "tasks": {}}
@@ -276,13 +292,14 @@ def run_lm_eval(
         if max_length:
             lm_kwargs["max_length"] = max_length
         lm = HFLM(**lm_kwargs)
+        keep = any(t.upstream in PER_SAMPLE_METRICS for t in tasks)
         res = simple_evaluate(
             model=lm,
             tasks=[t.lm_eval_name for t in tasks],
             task_manager=tm,
             limit=limit,
             bootstrap_iters=bootstrap_iters,
-            log_samples=False,
+            log_samples=keep,
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,
@@ -295,7 +312,55 @@ def run_lm_eval(
             shutil.rmtree(tmp, ignore_errors=True)
     if res is None:  # not rank 0
         return {"metrics": {}, "tasks": {}}
-    return parse_results(res, tasks) | {"lm_eval_version": getattr(lm_eval, "__version__", None)}
+    out = parse_results(res, tasks) | {"lm_eval_version": getattr(lm_eval, "__version__", None)}
+    samples = per_sample_results(res.get("samples") or {}, tasks)
+    if samples:
+        out["samples"] = samples
+    return out
+
+
+def per_sample_results(logged: dict[str, list[dict[str, Any]]], tasks: list[ResolvedTask]) -> dict[str, list[dict[str, Any]]]:
+    """The per-document verdicts of the tasks in :data:`PER_SAMPLE_METRICS`, from lm-eval's logged samples.
+
+    Args:
+        logged: ``simple_evaluate(..., log_samples=True)["samples"]``: ``{lm-eval task name: [sample]}``,
+            each sample with ``doc_id``, ``doc``, ``filtered_resps`` and one entry per metric.
+        tasks: the resolved tasks of the call (maps lm-eval names back to the requested names).
+
+    Returns:
+        ``{requested task: [{"doc_id": int, "key": doc's "key" or None, "prompt": str, "instruction_id_list":
+        [str], "kwargs": [dict] (each instruction's arguments, None values left out), "response": str (the
+        filtered generation), <metric>: value, ...}]}`` sorted by ``doc_id``,
+        with the metrics of :data:`PER_SAMPLE_METRICS` for the task's upstream (ifeval:
+        ``prompt_level_strict_acc`` bool, ``inst_level_strict_acc`` list of bool, one per instruction,
+        and the ``loose`` pair). Tasks not in :data:`PER_SAMPLE_METRICS` are left out.
+    """
+    out: dict[str, list[dict[str, Any]]] = {}
+    for t in tasks:
+        metric_names = PER_SAMPLE_METRICS.get(t.upstream)
+        rows = logged.get(t.lm_eval_name)
+        if not metric_names or rows is None:
+            continue
+        kept = []
+        for s in rows:
+            if s.get("filter", "none") != "none":  # the metrics are keyed "<metric>,none"
+                continue
+            doc = s.get("doc") or {}
+            resp = s.get("filtered_resps") or [""]
+            row: dict[str, Any] = {
+                "doc_id": int(s["doc_id"]),
+                "key": doc.get("key"),
+                "prompt": doc.get("prompt"),
+                "instruction_id_list": list(doc.get("instruction_id_list") or []),
+                "kwargs": [{k: v for k, v in (kw or {}).items() if v is not None} for kw in doc.get("kwargs") or []],
+                "response": resp[0] if isinstance(resp[0], str) else str(resp[0]),
+            }
+            for name in metric_names:
+                v = s.get(name)
+                row[name] = [bool(x) for x in v] if isinstance(v, (list, tuple)) else bool(v)
+            kept.append(row)
+        out[t.requested] = sorted(kept, key=lambda r: r["doc_id"])
+    return out
 
 
 def parse_results(res: dict[str, Any], tasks: list[ResolvedTask]) -> dict[str, Any]:
@@ -324,7 +389,7 @@ def parse_results(res: dict[str, Any], tasks: list[ResolvedTask]) -> dict[str, A
             }
             if label in by_label:
                 t = by_label[label]
-                info.update({"local": t.local, "data_file": t.data_file, "upstream": t.upstream})
+                info.update({"local": t.local, "data_file": t.data_file, "upstream": t.upstream, "subset": t.subset})
             task_info[label] = info
             for key, value in vals.items():
                 # lm-eval metric keys are "<metric>,<filter>"; skip alias, sample_len, stderrs

@@ -6,10 +6,11 @@ The held-out prompts are the rows of the prepared ``data/test.parquet`` that car
 template applied, batched, left padded, ``eval.max_new_tokens``), and each answer is
 checked by the shared verifiers with IFEval's strict semantics (the raw answer).
 
-Metrics (names as in IFEval / lm-eval's ``ifeval``):
+Metrics (IFEval's definitions under the project's own names; the ``ifeval`` names are kept for
+Google's prompt set scored by lm-eval, ``lm_eval/ifeval_dev/...``, see :mod:`.lm_eval_paired`):
 
-* ``ifeval/prompt_level_strict_acc`` = mean over prompts of ``all(instructions followed)``;
-* ``ifeval/inst_level_strict_acc``   = followed instructions / all instructions
+* ``instructions/prompt_level_strict_acc`` = mean over prompts of ``all(instructions followed)``;
+* ``instructions/inst_level_strict_acc``   = followed instructions / all instructions
   (pooled over prompts, lm-eval's ``agg_inst_level_acc``).
 
 95 % CIs are percentile bootstrap intervals resampling prompts (for the instruction
@@ -32,8 +33,8 @@ from .inputs import read_parquet_table
 from .errors import EvalInputError
 from .preference import bootstrap_ci
 
-PROMPT_LEVEL = "ifeval/prompt_level_strict_acc"
-INST_LEVEL = "ifeval/inst_level_strict_acc"
+PROMPT_LEVEL = "instructions/prompt_level_strict_acc"
+INST_LEVEL = "instructions/inst_level_strict_acc"
 METRICS = (PROMPT_LEVEL, INST_LEVEL)
 
 
@@ -216,11 +217,7 @@ def side_by_side(
     if k <= 0 or not prompts:
         return []
     labels = list(results)
-
-    def differs(i: int) -> bool:
-        return len({tuple(results[lb].follow[i]) for lb in labels}) > 1
-
-    order = [i for i in range(len(prompts)) if differs(i)] + [i for i in range(len(prompts)) if not differs(i)]
+    order = disagreement_order({lb: results[lb].follow for lb in labels})
     out = []
     for i in order[:k]:
         ex: dict[str, Any] = {
@@ -232,6 +229,21 @@ def side_by_side(
             ex[lb] = {"answer": results[lb].responses[i], "follow": list(results[lb].follow[i])}
         out.append(ex)
     return out
+
+
+def disagreement_order(follows: dict[str, list[list[bool]]]) -> list[int]:
+    """Prompt indices, those where the models' verdicts differ first (each group in prompt order).
+
+    Args:
+        follows: per model label, ``follow[i][j]`` = prompt i's instruction j followed (same length N for every model).
+
+    Returns:
+        a permutation of ``range(N)``.
+    """
+    labels = list(follows)
+    n = len(follows[labels[0]]) if labels else 0
+    differs = [len({tuple(follows[lb][i]) for lb in labels}) > 1 for i in range(n)]
+    return [i for i in range(n) if differs[i]] + [i for i in range(n) if not differs[i]]
 
 
 def constraints_summary(prompts: list[InstructionPrompt]) -> dict[str, int]:

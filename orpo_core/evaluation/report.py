@@ -28,8 +28,8 @@ DIRECTIONS = {
     "preference/logps_chosen": "max",
     "perplexity/chosen": "min",
     "perplexity/corpus": "min",
-    "ifeval/prompt_level_strict_acc": "max",
-    "ifeval/inst_level_strict_acc": "max",
+    "instructions/prompt_level_strict_acc": "max",
+    "instructions/inst_level_strict_acc": "max",
 }
 
 
@@ -223,10 +223,20 @@ def render_markdown(report: dict[str, Any]) -> str:
     if lm:
         tasks = report.get("lm_eval", {}).get("tasks", {})
         lines.extend(["## lm-evaluation-harness", ""])
-        lines.append(
+        le = s.get("lm_eval", {})
+        note = (
             f"lm-eval {report.get('lm_eval', {}).get('lm_eval_version') or ''}; limit = "
-            f"{s.get('lm_eval', {}).get('limit')} documents per task; value ± lm-eval stderr."
+            f"{le.get('limit')} documents per task; value ± lm-eval stderr"
         )
+        if any((deltas.get(k) or {}).get("ci95") for k in lm):
+            note += (
+                f"; Δ [95% paired bootstrap CI over the task's prompts, {s.get('bootstrap_samples')} resamples, "
+                f"seed {s.get('seed')}] where lm-eval's per-prompt results are kept (IFEval: prompt level = mean of "
+                "per-prompt all-followed, instruction level = followed / all instructions of the resampled prompts)"
+            )
+        if le.get("chat_template") or le.get("max_gen_toks"):
+            note += f"; chat template {'on' if le.get('chat_template') else 'off'}, at most {le.get('max_gen_toks') or 'the task’s'} generated tokens"
+        lines.append(note + ".")
         lines.append("")
         head = "| task | metric | version | n-shot | n | source | " + " | ".join(shown[m] for m in labels)
         head += " | Δ | |" if len(labels) == 2 else " |"
@@ -237,13 +247,16 @@ def render_markdown(report: dict[str, Any]) -> str:
             ref = metrics["trained"].get(k) or next(metrics[m][k] for m in labels if k in metrics[m])
             info = tasks.get(task, {})
             src = "local: " + Path(info["data_file"]).name if info.get("local") and info.get("data_file") else "hub"
+            if info.get("subset"):
+                src += f" ({info['subset']})"
             row = [task, metric, str(ref.get("version")), _fmt(ref.get("n_shot")), _fmt(ref.get("n")), src]
             row += [_cell(metrics[m].get(k)) for m in labels]
             if len(labels) == 2:
-                dv = (deltas.get(k) or {}).get("value")
-                row += [_fmt(dv), _better(k, dv, _direction(k, ref))]
+                d = deltas.get(k)
+                row += [_cell(d), _better(k, (d or {}).get("value"), _direction(k, ref))]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+        lines.extend(lm_eval_examples_markdown(report))
     lines.extend(instruction_markdown(report))
     gens = report.get("generations") or []
     if gens:
@@ -275,7 +288,7 @@ def instruction_markdown(report: dict[str, Any]) -> list[str]:
         return []
     metrics, deltas = report["metrics"], report.get("delta_details", {})
     labels = [m for m in ("base", "trained") if m in metrics]
-    keys = [k for k in ("ifeval/prompt_level_strict_acc", "ifeval/inst_level_strict_acc") if any(k in metrics[m] for m in labels)]
+    keys = [k for k in ("instructions/prompt_level_strict_acc", "instructions/inst_level_strict_acc") if any(k in metrics[m] for m in labels)]
     s = report.get("settings", {})
     lines = [
         "## Instruction following (held-out verifiable constraints)",
@@ -296,7 +309,7 @@ def instruction_markdown(report: dict[str, Any]) -> list[str]:
             d = deltas.get(k)
             row += [_cell(d), _better(k, (d or {}).get("value"), DIRECTIONS.get(k))]
         lines.append("| " + " | ".join(row) + " |")
-    d = deltas.get("ifeval/prompt_level_strict_acc") or {}
+    d = deltas.get("instructions/prompt_level_strict_acc") or {}
     if two and "wins" in d:
         lines.extend(["", f"Prompts followed fully by the trained model only: {d['wins']}; by the base model only: {d['losses']}."])
     per = info.get("per_instruction") or {}
@@ -308,19 +321,45 @@ def instruction_markdown(report: dict[str, Any]) -> list[str]:
     examples = info.get("examples") or []
     if examples:
         lines.extend(["", "### Answers side by side", ""])
-        for i, ex in enumerate(examples, 1):
-            shown = [m for m in labels if m in ex]
-            lines.append(f"**{i}.** {_esc(ex['prompt'])}")
-            lines.append("")
-            lines.append("| | " + " | ".join(shown) + " |")
-            lines.append("|---" * (1 + len(shown)) + "|")
-            lines.append("| answer | " + " | ".join(_esc(ex[m]["answer"]) for m in shown) + " |")
-            for j, c in enumerate(ex["constraints"]):
-                kw = ", ".join(f"{k}={v!r}" for k, v in c.get("kwargs", {}).items())
-                name = f"`{c['id']}`" + (f" ({_esc(kw)})" if kw else "")
-                lines.append(f"| {name} | " + " | ".join(_mark(ex[m]["follow"][j]) for m in shown) + " |")
-            lines.append("")
+        lines.extend(examples_markdown(examples, labels))
     lines.append("")
+    return lines
+
+
+def examples_markdown(examples: list[dict[str, Any]], labels: list[str]) -> list[str]:
+    """Answers side by side (lines of markdown): per example its prompt, each model's answer and a
+    ✓ / ✗ per instruction. ``examples``: the shape of
+    :func:`orpo_core.evaluation.instruction_following.side_by_side` (``prompt``, ``constraints``
+    ``[{"id", "kwargs"}]``, per model ``{"answer", "follow"}``, optional ``origin``)."""
+    lines: list[str] = []
+    for i, ex in enumerate(examples, 1):
+        shown = [m for m in labels if m in ex]
+        lines.append(f"**{i}.** {_esc(ex['prompt'])}")
+        lines.append("")
+        lines.append("| | " + " | ".join(shown) + " |")
+        lines.append("|---" * (1 + len(shown)) + "|")
+        lines.append("| answer | " + " | ".join(_esc(ex[m]["answer"]) for m in shown) + " |")
+        for j, c in enumerate(ex["constraints"]):
+            kw = ", ".join(f"{k}={v!r}" for k, v in c.get("kwargs", {}).items())
+            name = f"`{c['id']}`" + (f" ({_esc(kw)})" if kw else "")
+            lines.append(f"| {name} | " + " | ".join(_mark(ex[m]["follow"][j]) for m in shown) + " |")
+        lines.append("")
+    return lines
+
+
+def lm_eval_examples_markdown(report: dict[str, Any]) -> list[str]:
+    """The lm-eval answers side by side of ``eval.json["lm_eval"]["examples"]`` (IFEval documents,
+    those where the models' strict verdicts differ first), one section per task; empty when none."""
+    per_task = (report.get("lm_eval") or {}).get("examples") or {}
+    labels = [m for m in ("base", "trained") if m in report.get("metrics", {})]
+    lines: list[str] = []
+    for task, examples in per_task.items():
+        if not examples:
+            continue
+        lines += [f"### lm-eval `{task}`: answers side by side", "",
+                  ("Google's IFEval checks (strict) on each answer, as lm-eval scored them; documents where the "
+                   "models differ come first."), ""]
+        lines += examples_markdown(examples, labels)
     return lines
 
 

@@ -22,6 +22,7 @@ from .instruction_following import (
     per_instruction_accuracy,
     side_by_side,
 )
+from .lm_eval_paired import paired_lm_eval_deltas, side_by_side_samples, verdicts
 from .perplexity import corpus_perplexity, read_corpus, tokenize_corpus
 from .preference import PairScores, load_pairs, paired_deltas, preference_metrics, score_pairs
 from .report import load_log_history, write_report
@@ -198,11 +199,14 @@ def run_evaluation(
         The content of ``eval.json``: ``results`` (``{"trained"|"base": {metric: value}}``
         with keys ``preference/accuracy``, ``preference/margin``, ``preference/log_odds``,
         ``perplexity/chosen``, ``perplexity/corpus``, ``lm_eval/<task>/<metric>``,
-        ``ifeval/prompt_level_strict_acc``, ``ifeval/inst_level_strict_acc``),
+        ``instructions/prompt_level_strict_acc``, ``instructions/inst_level_strict_acc``),
         ``deltas`` (trained − base), ``metrics`` (each value with ``n`` and ``ci95`` or
-        lm-eval ``stderr``/version/n-shot), ``delta_details`` (paired bootstrap CIs),
+        lm-eval ``stderr``/version/n-shot), ``delta_details`` (paired bootstrap CIs; for lm-eval's
+        IFEval tasks from its per-prompt results, :mod:`.lm_eval_paired`),
         ``models`` (path, kind, revision, weight/config sha256), ``settings``,
-        ``lm_eval`` (task versions, n-shot, higher_is_better, data files),
+        ``lm_eval`` (task versions, n-shot, higher_is_better, data files; ``samples``: each
+        model's per-document IFEval verdicts; ``examples``: answers side by side),
+
         ``instructions`` (source, prompt count, constraint counts, accuracy per
         instruction, per-prompt verdicts, answers side by side; None when not run),
         ``generations``, ``timing_s``, ``files``.
@@ -340,6 +344,13 @@ def run_evaluation(
             for k, v in paired_if.items():
                 if k in delta_details:
                     delta_details[k] = v
+        base_samples = (runs["base"].get("lm_eval") or {}).get("samples") or {}
+        for task, ts_ in ((runs["trained"].get("lm_eval") or {}).get("samples") or {}).items():
+            if task in base_samples:
+                paired_lm = paired_lm_eval_deltas(task, ts_, base_samples[task], bootstrap_samples=ev.bootstrap_samples, seed=recipe.seed)
+                for k, v in paired_lm.items():
+                    if k in delta_details:
+                        delta_details[k] = v
     instructions_info = None
     follow = {label: r["instructions"] for label, r in runs.items() if r.get("instructions") is not None}
     if follow:
@@ -382,6 +393,14 @@ def run_evaluation(
             "tasks": runs["trained"]["lm_eval"]["tasks"],
             "tasks_dir": str(harness.resolve_tasks_dir(ev.tasks_dir)),
         }
+        samples = {label: (r.get("lm_eval") or {}).get("samples") or {} for label, r in runs.items()}
+        if any(samples.values()):
+            lm_info["samples"] = {label: {t: verdicts(v) for t, v in by_task.items()} for label, by_task in samples.items()}
+            shown = [lb for lb in ("base", "trained") if lb in samples]
+            lm_info["examples"] = {
+                t: side_by_side_samples(t, {lb: samples[lb][t] for lb in shown if t in samples[lb]}, ev.instruction_examples)
+                for t in samples["trained"]
+            }
     gate_value = results["trained"].get(ev.gate_metric)
     report: dict[str, Any] = {
         "schema": SCHEMA,

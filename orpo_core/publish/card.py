@@ -176,16 +176,20 @@ def metrics_table(eval_data: Mapping[str, Any] | None) -> str:
     base = pick_label(metrics, "base")
     if trained is None:
         return "_No evaluation results were available when this card was written._\n"
+    paired = {k: d for k, d in (eval_data.get("delta_details") or {}).items() if isinstance(d, Mapping)}
     lines = ["| metric | trained | base | delta |", "|---|---|---|---|"]
     for name, m in metrics[trained].items():
         b = metrics[base].get(name) if base else None
         cell = _fmt(m.value) + (f" [{_fmt(m.ci[0])}, {_fmt(m.ci[1])}]" if m.ci else "")
         bcell = "–" if b is None else _fmt(b.value) + (f" [{_fmt(b.ci[0])}, {_fmt(b.ci[1])}]" if b.ci else "")
         delta = "–" if b is None else f"{m.value - b.value:+.4f}"
+        dci = (paired.get(name) or {}).get("ci95") if b is not None else None
+        if dci:
+            delta += f" [{_fmt(dci[0])}, {_fmt(dci[1])}]"
         lines.append(f"| `{name}` | {cell} | {bcell} | {delta} |")
-    note = "\nValues in brackets are bootstrap 95 % confidence intervals." if any(
-        m.ci for m in metrics[trained].values()
-    ) else ""
+    has_ci = any(m.ci for m in metrics[trained].values()) or any(d.get("ci95") for d in paired.values())
+    note = ("\nValues in brackets are bootstrap 95 % confidence intervals (for the delta: paired, the same "
+            "pairs / prompts resampled for both models).") if has_ci else ""
     return "\n".join(lines) + "\n" + note + "\n"
 
 
@@ -224,17 +228,37 @@ def _eval_results(recipe: Recipe, eval_data: Mapping[str, Any] | None, model_nam
         return []
     datasets = hub_datasets(recipe)
     pref_dataset = datasets[0] if datasets else "local-preference-pairs"
+    lm_tasks = ((eval_data.get("lm_eval") or {}).get("tasks") or {}) if isinstance(eval_data, Mapping) else {}
+    lm_settings = ((eval_data.get("settings") or {}).get("lm_eval") or {}) if isinstance(eval_data, Mapping) else {}
     out = []
     for name, m in metrics[label].items():
         if name.startswith("lm_eval/"):
             parts = name.split("/")
             task = parts[1] if len(parts) > 1 else "lm_eval"
+            info = lm_tasks.get(task) or {}
+            if info.get("upstream") == "ifeval":
+                out.append(EvalResult(**ifeval_result_fields(task, info, lm_settings), metric_type=parts[2].split(",")[0],
+                                      metric_value=round(m.value, 6), metric_name=name))
+                continue
             out.append(
                 EvalResult(
                     task_type="text-generation",
                     dataset_type=task,
                     dataset_name=task,
                     metric_type="/".join(parts[2:]) or name,
+                    metric_value=round(m.value, 6),
+                    metric_name=name,
+                )
+            )
+        elif name.startswith("instructions/"):
+            out.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name="instruction following (verifiable constraints, IFEval rules)",
+                    dataset_type="synthetic-instructions",
+                    dataset_name="held-out generated instructions with verifiable constraints",
+                    dataset_split="test",
+                    metric_type=name.split("/", 1)[1],
                     metric_value=round(m.value, 6),
                     metric_name=name,
                 )
@@ -264,6 +288,32 @@ def _eval_results(recipe: Recipe, eval_data: Mapping[str, Any] | None, model_nam
                 )
             )
     return out
+
+
+def ifeval_result_fields(task: str, info: Mapping[str, Any], lm_settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The model-index fields (task, dataset) of an lm-eval IFEval task: Google's IFEval
+    (``google/IFEval``, split ``train``, its only split) named with the subset the task reads
+    (``ifeval_dev``: the development half, even positions) and how many prompts were evaluated.
+
+    Args:
+        task: the requested task name (``ifeval_dev``).
+        info: ``eval.json["lm_eval"]["tasks"][task]`` (``subset``, ``n-samples``, ``version``, ``n-shot``).
+        lm_settings: ``eval.json["settings"]["lm_eval"]`` (``limit``, ``chat_template``, ``max_gen_toks``).
+    """
+    subset = info.get("subset")
+    n = (info.get("n-samples") or {}).get("effective")
+    name = "Google IFEval" + (f" ({subset})" if subset else "")
+    if n is not None:
+        name += f", {n} prompts evaluated"
+    args = {k: lm_settings.get(k) for k in ("limit", "chat_template", "max_gen_toks") if lm_settings.get(k) is not None}
+    return {
+        "task_type": "text-generation",
+        "task_name": f"IFEval via lm-evaluation-harness (task {task}, version {info.get('version')}, {info.get('n-shot') or 0}-shot)",
+        "dataset_type": "google/IFEval",
+        "dataset_name": name,
+        "dataset_split": "train",
+        "dataset_args": args or None,
+    }
 
 
 def ollama_template(chat_template: str, *, bos_token: str | None, eos_token: str | None) -> tuple[str, bool]:
