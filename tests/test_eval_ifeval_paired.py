@@ -1,6 +1,6 @@
 """Google's IFEval through lm-eval, base vs trained: the development / test split as lm-eval loads it,
 per-sample results from run_lm_eval, the paired bootstrap on hand-made samples, the intervals in
-eval.json / eval.md / the Prefect artifact / the model card."""
+eval.json / eval.md / the Prefect artifact / the model card, and the reuse of the base model's results."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import orpo_core.evaluation.loading as loading
 from orpo_core.evaluation import EvalInputError, resolve_tasks, run_evaluation, run_lm_eval
 from orpo_core.evaluation.harness import write_local_task_configs
 from orpo_core.evaluation.lm_eval_paired import paired_lm_eval_deltas, side_by_side_samples
@@ -136,8 +137,22 @@ def test_run_lm_eval_keeps_per_sample_results(tiny_model_dir, shared_data):
     assert m[IL]["value"] == pytest.approx(sum(inst) / len(inst)) and m[PL]["n"] == 3
 
 
-# --------------------------------------------------------------------------- run_evaluation
-def test_run_evaluation_pairs_ifeval(tmp_path, tiny_model_dir, shared_data):
+# --------------------------------------------------------------------------- run_evaluation, base reuse
+@pytest.fixture
+def loads(monkeypatch):
+    """Names of the models load_eval_model loaded."""
+    seen: list[str] = []
+    real = loading.load_eval_model
+
+    def counting(src, *a, **k):
+        seen.append(src.name_or_path)
+        return real(src, *a, **k)
+
+    monkeypatch.setattr(loading, "load_eval_model", counting)
+    return seen
+
+
+def test_run_evaluation_pairs_ifeval_and_reuses_the_base(tmp_path, tiny_model_dir, shared_data, loads):
     from orpo_core.publish.card import build_model_card
     from tasks.ui import compare, eval_markdown
 
@@ -146,6 +161,11 @@ def test_run_evaluation_pairs_ifeval(tmp_path, tiny_model_dir, shared_data):
     recipe = make_recipe(tmp_path, **cfg)
     tokenized = make_tokenized(tmp_path, tiny_model_dir, n=4)
     rep = run_evaluation(recipe, tiny_model_dir, tokenized, tmp_path / "eval")
+    base_dir = rep["models"]["base"]["name_or_path"]
+    assert len(loads) == 2 and loads[1] == base_dir
+    assert rep["base_cache"]["status"] == "stored"
+    cache_file = rep["base_cache"]["path"]
+    assert cache_file.startswith(str(tmp_path / "run" / "eval-cache"))
     # the paired interval of eval.json is the bootstrap of the per-sample verdicts it keeps
     samples = rep["lm_eval"]["samples"]
     assert [s["doc_id"] for s in samples["trained"]["ifeval_dev"]] == [0, 1, 2]
@@ -170,3 +190,22 @@ def test_run_evaluation_pairs_ifeval(tmp_path, tiny_model_dir, shared_data):
     res = {e.metric_name: e for e in card.data.eval_results}
     assert res[PL].dataset_type == "google/IFEval" and "development half" in res[PL].dataset_name
     assert res[PL].metric_type == "prompt_level_strict_acc" and res[PL].metric_value == pytest.approx(rep["results"]["trained"][PL])
+
+    # the same evaluation again: the base model is not loaded, its results are read back unchanged
+    loads.clear()
+    rep2 = run_evaluation(recipe, tiny_model_dir, tokenized, tmp_path / "eval2")
+    assert len(loads) == 1 and loads[0] != base_dir
+    assert rep2["base_cache"]["status"] == "reused" and rep2["base_cache"]["path"] == cache_file
+    assert "load" not in rep2["timing_s"]["base"] and "load" in rep2["timing_s"]["base"]["original"]
+    assert rep2["results"] == rep["results"] and rep2["delta_details"] == rep["delta_details"]
+    assert rep2["lm_eval"]["samples"] == samples and rep2["models"]["base"]["n_parameters"] == rep["models"]["base"]["n_parameters"]
+    assert "results were reused from" in (tmp_path / "eval2" / "eval.md").read_text()
+
+    # a changed setting (the generation cap) evaluates the base model again
+    loads.clear()
+    rep3 = run_evaluation(make_recipe(tmp_path, **{**cfg, "lm_eval_max_gen_toks": 5}), tiny_model_dir, tokenized, tmp_path / "eval3")
+    assert loads[-1] == base_dir and rep3["base_cache"]["status"] == "stored" and rep3["base_cache"]["path"] != cache_file
+    # and reuse can be switched off
+    loads.clear()
+    rep4 = run_evaluation(recipe, tiny_model_dir, tokenized, tmp_path / "eval4", reuse_base=False)
+    assert loads[-1] == base_dir and rep4["base_cache"]["status"] == "off"

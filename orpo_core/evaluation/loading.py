@@ -388,9 +388,16 @@ def describe_source(source: ModelSource, model=None) -> dict[str, Any]:
     if source.base is not None:
         info["base"] = describe_source(source.base)
     if model is not None:
-        info["n_parameters"] = int(sum(p.numel() for p in model.parameters()))
-        info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-        commit = getattr(model.config, "_commit_hash", None)
-        if commit and "commit" not in info:
-            info["commit"] = commit
+        add_model_facts(info, model)
+    return info
+
+
+def add_model_facts(info: dict[str, Any], model) -> dict[str, Any]:
+    """Add a loaded model's ``n_parameters``, ``dtype`` and Hub ``commit`` (when ``info`` has none)
+    to a :func:`describe_source` entry; returns ``info``."""
+    info["n_parameters"] = int(sum(p.numel() for p in model.parameters()))
+    info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit and "commit" not in info:
+        info["commit"] = commit
     return info

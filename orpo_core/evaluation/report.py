@@ -175,6 +175,13 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(m.get('n_parameters'))} |"
         )
     lines.append("")
+    reuse = report.get("base_cache") or {}
+    if reuse.get("status") == "reused":
+        lines += [
+            (f"The {shown['base']} model's results were reused from `{reuse.get('path')}` (evaluated "
+             f"{reuse.get('evaluated_utc')}; same weights sha256, inputs, evaluation settings and code)."),
+            "",
+        ]
     if report.get("skipped"):
         lines += ["## Skipped", "", "Not measured in this evaluation:", ""]
         lines += [f"- {x}" for x in report["skipped"]] + [""]

@@ -10,7 +10,7 @@ from typing import Any
 
 from orpo_core.stages import fields_hash
 
-from . import harness, loading
+from . import base_cache, harness, loading
 from .errors import EvalInputError
 from .generation import build_prompts, generate_answers
 from .instruction_following import (
@@ -134,6 +134,39 @@ def evaluate_model(
     return out
 
 
+def _base_through_cache(evaluate_source, src, cache_dir: Path, *, recipe, tokenizer, pairs, corpus_ids, tasks, prompts,
+                        instructions, precision: str, device_type: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The base model's per-model result: read from :mod:`.base_cache` when an earlier evaluation stored
+    it under the same key, else evaluated (``evaluate_source``) and stored. Holds the key's file lock
+    meanwhile, so a concurrent evaluation of the same base waits and then reuses.
+
+    Returns:
+        ``(run, model description, base_cache record)``.
+    """
+    t0 = time.perf_counter()
+    info = loading.describe_source(src)
+    parts = base_cache.key_parts(recipe, info, tokenizer=tokenizer, pairs=pairs, corpus_ids=corpus_ids, tasks=tasks,
+                                 prompts=prompts, instructions=instructions, precision=precision, device_type=device_type)
+    if parts is None:
+        run, info = evaluate_source("base", src, info)
+        return run, info, {"status": "off", "reason": f"no weights sha256 for {src.name_or_path} (not a local folder)"}
+    key = base_cache.cache_key(parts)
+    path = base_cache.entry_path(cache_dir, key).resolve()
+    with base_cache.locked(cache_dir, key):
+        hit = base_cache.load_entry(cache_dir, key)
+        if hit is not None:
+            log.info("base model %s: results reused from %s (same weights, inputs and settings)", src.name_or_path, path)
+            run = hit["run"]
+            run["timing_s"] = {"cache": time.perf_counter() - t0, "original": run.get("timing_s")}
+            for k in ("n_parameters", "dtype", "commit"):
+                if k in hit["model"] and k not in info:
+                    info[k] = hit["model"][k]
+            return run, info, {"status": "reused", "path": str(path), "key": key, "evaluated_utc": hit.get("created_utc")}
+        run, info = evaluate_source("base", src, info)
+        base_cache.store_entry(cache_dir, key, parts, info, run)
+    return run, info, {"status": "stored", "path": str(path), "key": key}
+
+
 def _unprepared_skips(ev, tokenized_dir: Path) -> list[str]:
     """What an evaluation without the prepared run (``tokenized_dir``) cannot measure."""
     out = []
@@ -161,6 +194,8 @@ def run_evaluation(
     *,
     allow_unprepared: bool = False,
     model_label: str | None = None,
+    reuse_base: bool = True,
+    base_cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate the trained model (and the base model) and write the report.
 
@@ -194,6 +229,10 @@ def run_evaluation(
         model_label: how eval.md names the evaluated model (``labels`` in eval.json), e.g.
             ``model`` when it is evaluated alone and is not the run's trained model. The
             eval.json keys stay ``trained`` / ``base``.
+        reuse_base: reuse the base model's results stored by an earlier evaluation with the same
+            base weights, inputs and settings (:mod:`.base_cache`) instead of evaluating it again,
+            and store them after evaluating it. ``base_cache`` in eval.json says which happened.
+        base_cache_dir: where those results live (None: ``<recipe output_dir>/eval-cache``).
 
     Returns:
         The content of ``eval.json``: ``results`` (``{"trained"|"base": {metric: value}}``
@@ -206,7 +245,8 @@ def run_evaluation(
         ``models`` (path, kind, revision, weight/config sha256), ``settings``,
         ``lm_eval`` (task versions, n-shot, higher_is_better, data files; ``samples``: each
         model's per-document IFEval verdicts; ``examples``: answers side by side),
-
+        ``base_cache`` (``status``: ``reused`` / ``stored`` / ``off``, ``path`` of the entry, ``key``,
+        ``evaluated_utc`` when reused; None without a base model),
         ``instructions`` (source, prompt count, constraint counts, accuracy per
         instruction, per-prompt verdicts, answers side by side; None when not run),
         ``generations``, ``timing_s``, ``files``.
@@ -295,16 +335,18 @@ def run_evaluation(
     log.info("evaluation precision: %s (%s)", precision, precision_reason)
     runs: dict[str, dict[str, Any]] = {}
     models_info: dict[str, Any] = {}
+    base_reuse: dict[str, Any] | None = None
     order = [("trained", trained_src)] + ([("base", base_src)] if base_src is not None else [])
     with tempfile.TemporaryDirectory(prefix="orpo-lm-eval-") as include_dir:
-        for label, src in order:
+
+        def evaluate_source(label: str, src, info: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
             log.info("evaluating %s model %s", label, src.name_or_path)
             t0 = time.perf_counter()
             model = loading.load_eval_model(src, tokenizer, dtype=mcfg.dtype, trust_remote_code=mcfg.trust_remote_code,
                                             attn_implementation=mcfg.attn_implementation, seed=recipe.seed)
             load_s = time.perf_counter() - t0
-            models_info[label] = loading.describe_source(src, model)
-            runs[label] = evaluate_model(
+            info = loading.add_model_facts(info, model) if info is not None else loading.describe_source(src, model)
+            run = evaluate_model(
                 model,
                 tokenizer,
                 recipe=recipe,
@@ -316,9 +358,23 @@ def run_evaluation(
                 instructions=instr_prompts,
                 precision=precision,
             )
-            runs[label]["timing_s"]["load"] = load_s
+            run["timing_s"]["load"] = load_s
             del model
             loading.free_memory()
+            return run, info
+
+        for label, src in order:
+            if label == "base" and reuse_base:
+                cache_dir = Path(base_cache_dir) if base_cache_dir is not None else recipe.out_dir / base_cache.DIR_NAME
+                runs[label], models_info[label], base_reuse = _base_through_cache(
+                    evaluate_source, src, cache_dir, recipe=recipe, tokenizer=tokenizer, pairs=pairs,
+                    corpus_ids=corpus_ids, tasks=tasks, prompts=prompts, instructions=instr_prompts,
+                    precision=precision, device_type=device_type,
+                )
+            else:
+                runs[label], models_info[label] = evaluate_source(label, src)
+    if base_src is not None and base_reuse is None:
+        base_reuse = {"status": "off", "reason": "reuse_base=False"}
 
     # ------------------------------------------------------------ assemble
     metrics = {label: r["metrics"] for label, r in runs.items()}
@@ -439,6 +495,7 @@ def run_evaluation(
             "eval_fields_hash": fields_hash(recipe, "evaluate"),
         },
         "lm_eval": lm_info,
+        "base_cache": base_reuse,
         "instructions": instructions_info,
         "generations": generations,
         "timing_s": {label: r["timing_s"] for label, r in runs.items()},
