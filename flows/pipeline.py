@@ -1,7 +1,8 @@
 """The ORPO pipeline flow and the push flow.
 
-``orpo_pipeline`` chains prepare -> tokenize -> train -> evaluate -> [export] -> push
-(export = GGUF files for llama.cpp when ``hub.gguf`` lists types, shipped in the Hub folder;
+``orpo_pipeline`` chains [generate] -> prepare -> tokenize -> train -> evaluate -> [export] -> push
+(generate = on-policy pairs from the base model, for recipes with an ``onpolicy`` source;
+export = GGUF files for llama.cpp when ``hub.gguf`` lists types, shipped in the Hub folder;
 push = build the Hub folder; upload only when ``push`` / ``hub.push``). Every
 stage is a cached Prefect task (:mod:`tasks`), so rerunning the same recipe
 shows all stages as ``Cached`` and changing only ``orpo.beta`` reruns train and
@@ -38,7 +39,7 @@ from flows.runs import (
     tag_flow_run,
     write_published_record,
 )
-from tasks import evaluate_task, export_task, prepare_task, push_task, tokenize_task, train_task
+from tasks import evaluate_task, export_task, generate_task, prepare_task, push_task, tokenize_task, train_task
 from tasks.logs import run_logger
 
 KEY_METRICS = ("preference/accuracy", "preference/margin", "preference/log_odds", "perplexity/chosen", "perplexity/corpus")
@@ -56,6 +57,10 @@ def _remote_data_prep(recipe: str, overrides: list[str] | None) -> str | None:
     if fr.state is None or not fr.state.is_completed():
         raise RuntimeError(f"data deployment {name} ended in state {fr.state.name if fr.state else None}")
     return fr.state.name
+
+
+def _has_onpolicy(r) -> bool:
+    return any(s.onpolicy is not None for s in r.data.sources)
 
 
 # --------------------------------------------------------------------------- flows
@@ -76,8 +81,11 @@ def data_flow(recipe: str, overrides: list[str] | None = None) -> dict[str, Any]
     states: dict[str, str] = {}
     tag_flow_run(f"recipe={r.run_name}", "flow=data")
     with run_folder(out):
+        paths = {}
+        if _has_onpolicy(r):
+            paths["onpolicy"] = run_stage(generate_task, states, "generate", recipe=d, out_dir=str(out / "onpolicy"))["path"]
         prep = run_stage(prepare_task, states, "prepare", recipe=d, out_dir=str(out / "data"))
-        paths = {"data": prep["path"]}
+        paths["data"] = prep["path"]
         if r.model is not None:
             tok = run_stage(tokenize_task, states, "tokenize", recipe=d, data_dir=prep["path"], out_dir=str(out / "tokenized"))
             paths["tokenized"] = tok["path"]
@@ -131,8 +139,13 @@ def _pipeline_stages(r, d: dict[str, Any], out: Path, states: dict[str, str], pu
     from tasks.artifacts import artifact_key
 
     mark_unfinished_progress(artifact_key(r.run_name, "training-progress"))
+    gen = None
+    if _has_onpolicy(r):  # on-policy pairs from the base model, before prepare reads them
+        gen = run_stage(generate_task, states, "generate", recipe=d, out_dir=str(out / "onpolicy"))
     prep = run_stage(prepare_task, states, "prepare", recipe=d, out_dir=str(out / "data"))
     result: dict[str, Any] = {"run_name": r.run_name, "out_dir": str(out), "stages": states, "paths": {"data": prep["path"]}}
+    if gen is not None:
+        result["paths"]["onpolicy"] = gen["path"]
     if r.model is None:
         log.info("data-only recipe (no model section): stopping after prepare")
         publish_run_summary(r, out, states, {"prepare": prep}, None, None)
@@ -153,7 +166,7 @@ def _pipeline_stages(r, d: dict[str, Any], out: Path, states: dict[str, str], pu
                              export_task=export_task, push_task=push_task)
     if ex is not None:
         result["paths"]["export"] = ex["path"]
-    results = {"prepare": prep, "tokenize": tok, "train": tr, "evaluate": ev, "push": pu}
+    results = {"prepare": prep, "tokenize": tok, "train": tr, "evaluate": ev, "push": pu} | ({"generate": gen} if gen else {})
     publish_run_summary(r, out, states, results, ev["eval_json"], tr.get("metrics"))
     metrics = eval_metrics(ev["eval_json"])
     result["paths"].update(

@@ -182,12 +182,41 @@ class SyntheticConfig(_Strict):
     seed: int | None = None
 
 
+class OnPolicyConfig(_Strict):
+    """On-policy instruction-following pairs made from the model being trained (its own stage,
+    ``generate``, before prepare; :mod:`orpo_core.data.onpolicy`).
+
+    ``n_requests`` IFEval-like requests (:mod:`orpo_core.data.synthetic.instructions.requests`, all 25
+    of Google's instruction ids, 1 to ``max_instructions`` each) are answered once each by the
+    base model (sampled, ``max_new_tokens`` tokens at most, through its chat template); lm-eval's
+    IFEval checks judge the answers and a failing answer is paired with its minimal repair
+    (chosen) against itself (rejected). Requests sharing a word 13-gram with ``decontaminate``
+    (Google's 541 IFEval prompts) are never made. The generation budget is ``n_requests`` x
+    ``max_new_tokens`` tokens.
+    """
+
+    task: Literal["instructions"] = "instructions"
+    n_requests: int = Field(480, gt=0)
+    max_new_tokens: int = Field(160, gt=0, description="tokens per sampled answer")
+    temperature: float = Field(0.7, ge=0, description="0: greedy")
+    top_p: float = Field(0.9, gt=0, le=1)
+    batch_size: int = Field(32, gt=0, description="prompts per generate call")
+    max_instructions: int = Field(3, ge=1, le=3)
+    seed: int | None = Field(None, description="None: the recipe seed")
+    decontaminate: str = Field(
+        "../shared/data/eval/ifeval_input.jsonl",
+        description="benchmark prompts (JSONL with 'prompt') no request may share a 13-gram with",
+    )
+
+
 class SourceConfig(_Strict):
     """One preference source. ``path`` is a Hub dataset id, a local file or a folder;
-    ``synthetic`` uses the generator instead of a path."""
+    ``synthetic`` uses the generator instead of a path; ``onpolicy`` reads the pairs of the
+    run's ``generate`` stage (``<output_dir>/onpolicy/pairs.jsonl``)."""
 
     path: str | None = None
     synthetic: SyntheticConfig | None = None
+    onpolicy: OnPolicyConfig | None = None
     name: str | None = Field(None, description="Hub dataset config name")
     split: str = "train"
     test_split: str | None = Field(None, description="use this split of the source as test data instead of a random split")
@@ -202,8 +231,8 @@ class SourceConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_origin(self) -> "SourceConfig":
-        if (self.path is None) == (self.synthetic is None):
-            raise ValueError("a source needs exactly one of 'path' or 'synthetic'")
+        if sum(x is not None for x in (self.path, self.synthetic, self.onpolicy)) != 1:
+            raise ValueError("a source needs exactly one of 'path', 'synthetic' or 'onpolicy'")
         return self
 
     @property
@@ -212,6 +241,8 @@ class SourceConfig(_Strict):
             return self.label
         if self.synthetic is not None:
             return f"synthetic:{self.synthetic.task}"
+        if self.onpolicy is not None:
+            return f"onpolicy:{self.onpolicy.task}"
         return str(self.path)
 
 
@@ -227,6 +258,11 @@ class DataConfig(_Strict):
         1, ge=1, description="processes for preparation (files over one 8 MiB chunk) and tokenization (>= 1000 rows each)"
     )
     cache_dir: str | None = None
+    decontaminate: str | None = Field(
+        None,
+        description="a benchmark's prompts (JSONL with a 'prompt' field, e.g. IFEval's input file): pairs whose prompt "
+        "shares a word 13-gram with any of them are dropped ('contaminated' in stats.json)",
+    )
 
     @model_validator(mode="after")
     def _lengths(self) -> "DataConfig":

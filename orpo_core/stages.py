@@ -25,7 +25,7 @@ class Stage:
     """One cached stage.
 
     Attributes:
-        name: ``prepare``, ``tokenize``, ``train``, ``evaluate`` or ``export``.
+        name: ``generate``, ``prepare``, ``tokenize``, ``train``, ``evaluate`` or ``export``.
         fields: recipe fields the stage reads, as ``"section"`` or ``"section.key"``.
         code: ``orpo_core`` paths (folders or files) whose code the stage runs.
         exclude: paths under ``code`` that belong to another stage.
@@ -53,8 +53,15 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         Stage(
+            # on-policy pairs from the base model (only for recipes with an ``onpolicy`` source)
+            "generate",
+            fields=(*_MODEL_FIELDS, "model.dtype", "model.attn_implementation", "data.sources", "seed"),
+            code=("data/onpolicy.py", "data/synthetic/instructions", "data/nltk_data.py", "models"),
+        ),
+        Stage(
             "prepare",
-            fields=("data.sources", "data.test_size", "data.min_score_margin", "data.dedup", "data.on_error", "seed"),
+            fields=("data.sources", "data.test_size", "data.min_score_margin", "data.dedup", "data.on_error",
+                    "data.decontaminate", "seed"),
             code=("data",),
             exclude=("data/tokenize.py",),
         ),

@@ -24,12 +24,13 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from orpo_core.data.synthetic.instructions.checks import check
 from orpo_core.data.synthetic.instructions.repair import repair
 
-__all__ = ["SOURCE", "build_pairs", "complete_sentences", "sample_answers"]
+__all__ = ["SOURCE", "build_pairs", "complete_sentences", "generate_onpolicy", "onpolicy_source", "pairs_file", "sample_answers"]
 
 SOURCE = "onpolicy:instructions"
 _CLOSED = re.compile(r"""[.!?]["')\]*]*$""")
@@ -160,3 +161,92 @@ def build_pairs(requests: list[dict[str, Any]], answers: list[str]) -> tuple[lis
         "created_unix": time.time(),
     }
     return rows, stats
+
+
+def onpolicy_source(recipe):
+    """The recipe's ``onpolicy`` source config, or None.
+
+    Raises:
+        ValueError: more than one ``onpolicy`` source (one generate stage per run).
+    """
+    found = [s.onpolicy for s in recipe.data.sources if s.onpolicy is not None]
+    if len(found) > 1:
+        raise ValueError("data.sources: at most one 'onpolicy' source per recipe")
+    return found[0] if found else None
+
+
+def pairs_file(out_dir: str | Path) -> Path:
+    """The generate stage's pairs: ``<out_dir>/pairs.jsonl`` (normalized rows, one JSON object a line)."""
+    return Path(out_dir) / "pairs.jsonl"
+
+
+def generate_onpolicy(recipe, out_dir: str | Path) -> dict[str, Any]:
+    """The ``generate`` stage: on-policy pairs from the recipe's base model (see module docstring).
+
+    Writes, atomically (a staging folder replaces ``out_dir``): ``pairs.jsonl`` (normalized
+    rows), ``answers.jsonl`` (every request with the model's answer and IFEval's verdicts, for
+    inspection) and ``stats.json`` (requests: drawn / kept / dropped as contaminated /
+    paraphrased; answers: prompt- and instruction-level strict accuracy of the base model on
+    the requests; pairs per instruction id; seconds; the benchmark file's sha256).
+
+    Args:
+        recipe: a :class:`orpo_core.config.Recipe` with one ``onpolicy`` source and a model.
+        out_dir: the stage folder (``<run>/onpolicy``).
+
+    Returns:
+        the stats dict.
+
+    Raises:
+        ValueError: no ``onpolicy`` source, or several.
+        FileNotFoundError: the ``decontaminate`` benchmark file does not exist (named).
+        orpo_core.models.loading.ModelLoadError, orpo_core.models.chat.TokenizerLoadError: the model.
+    """
+    import hashlib
+
+    import torch
+
+    from orpo_core.io import staging_dir
+    from orpo_core.models.chat import load_tokenizer
+    from orpo_core.models.loading import load_model
+
+    from .synthetic.instructions.decontaminate import NgramIndex
+    from .synthetic.instructions.requests import make_requests
+
+    cfg = onpolicy_source(recipe)
+    if cfg is None:
+        raise ValueError("the recipe has no 'onpolicy' source in data.sources")
+    bench = Path(cfg.decontaminate).expanduser()
+    if not bench.is_file():
+        raise FileNotFoundError(f"data.sources[onpolicy].decontaminate: benchmark file {bench} does not exist")
+    seed = cfg.seed if cfg.seed is not None else recipe.seed
+    t0 = time.perf_counter()
+    requests, req_stats = make_requests(cfg.n_requests, seed=seed, index=NgramIndex.from_ifeval(bench),
+                                        max_instructions=cfg.max_instructions)
+    tokenizer, added = load_tokenizer(recipe.require_model(), recipe.out_dir, recipe.seed)
+    model = load_model(recipe, tokenizer, added, for_training=False)
+    t1 = time.perf_counter()
+    answers = sample_answers(model, tokenizer, [r["prompt"] for r in requests], max_new_tokens=cfg.max_new_tokens,
+                             batch_size=cfg.batch_size, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
+    t2 = time.perf_counter()
+    del model
+    rows, pair_stats = build_pairs(requests, answers)
+    stats = {
+        "source": SOURCE,
+        "settings": cfg.model_dump() | {"seed": seed},
+        "benchmark": {"path": str(bench.resolve()), "sha256": hashlib.sha256(bench.read_bytes()).hexdigest(), "ngram": 13},
+        "requests": req_stats,
+        **{k: v for k, v in pair_stats.items() if k != "created_unix"},
+        "generated_tokens_budget": cfg.n_requests * cfg.max_new_tokens,
+        "timing_s": {"load": round(t1 - t0, 2), "generate": round(t2 - t1, 2), "total": round(time.perf_counter() - t0, 2)},
+        "torch_threads": torch.get_num_threads(),
+    }
+    with staging_dir(out_dir) as tmp:
+        with (tmp / "pairs.jsonl").open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        with (tmp / "answers.jsonl").open("w", encoding="utf-8") as f:
+            for req, ans in zip(requests, answers):
+                verdicts = check(ans, req["instruction_id_list"], req["kwargs"], req["prompt"])
+                f.write(json.dumps({**req, "answer": ans, "follow": verdicts}, ensure_ascii=False) + "\n")
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return stats

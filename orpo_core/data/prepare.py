@@ -19,7 +19,9 @@ Order of operations (each drop is counted under its reason):
    ``score_margin`` (both scores known and ``score_chosen - score_rejected <
    data.min_score_margin``; pairs without scores are kept);
 3. ``duplicate``: exact (prompt, chosen, rejected) duplicates over all sources,
-   first occurrence kept (``data.dedup``);
+   first occurrence kept (``data.dedup``); then ``contaminated``: pairs whose prompt (all its
+   messages) shares a word 13-gram with a prompt of ``data.decontaminate`` (a benchmark's
+   prompts, e.g. Google's IFEval input file; :mod:`orpo_core.data.synthetic.instructions.decontaminate`);
 4. ``max_rows``: a seeded random sample of at most ``max_rows`` pairs per source;
 5. ``weight_sampling``: when any source has a ``weight`` (sources without one
    count as weight 1), each source is sampled (seeded, without replacement) to
@@ -90,6 +92,7 @@ STATS_VERSION = 1
 DUPLICATE = "duplicate"
 MAX_ROWS = "max_rows"
 WEIGHT_SAMPLING = "weight_sampling"
+CONTAMINATED = "contaminated"
 ROW_GROUP_ROWS = 1 << 16  # rows per Parquet row group written
 _SAMPLE_ROWS = 50  # rows looked at to infer JSON columns and detect the format
 
@@ -227,6 +230,28 @@ def _synthetic_records(
     return name, ((RowRef(name, i, "row"), r) for i, r in enumerate(rows))
 
 
+def _onpolicy_records(recipe: Recipe) -> tuple[str, Iterator[tuple[RowRef, Any]]]:
+    """Rows of the run's ``generate`` stage (``<output_dir>/onpolicy/pairs.jsonl``, already normalized).
+
+    Raises:
+        DataError: the file does not exist (the generate stage has not run; fatal).
+    """
+    from orpo_core.data.onpolicy import pairs_file
+
+    path = pairs_file(recipe.out_dir / "onpolicy")
+    if not path.is_file():
+        raise DataError("on-policy pairs not found: run the generate stage first (`orpo run` does)",
+                        file=str(path), reason="missing_file", fatal=True)
+    name = str(path)
+
+    def rows() -> Iterator[tuple[RowRef, Any]]:
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                yield RowRef(name, i, "line"), json.loads(line)
+
+    return name, rows()
+
+
 def _peek(
     records: Iterator[tuple[RowRef, Any]], n: int
 ) -> tuple[list[tuple[RowRef, Any]], Iterator[tuple[RowRef, Any]]]:
@@ -266,6 +291,14 @@ def _read_split(
         derived_seed(src.binarize.seed if src.binarize.seed is not None else recipe.seed, "binarize", idx, which)
     )
 
+    if src.onpolicy is not None:
+        name, records = _onpolicy_records(recipe)
+        st.format = "onpolicy"
+        st.files.append(name)
+        st.formats[name] = "onpolicy"
+        ctx = ChunkContext("synthetic", None, None, None, st.label, data.on_error, data.min_score_margin)
+        _collect(st, counts, runner.run(ctx, record_chunks(records, name), rng), store, idx, which)
+        return
     if src.synthetic is not None:
         name, records = _synthetic_records(src, recipe.seed, which, data.test_size)
         st.format = "synthetic"
@@ -379,6 +412,25 @@ def split_groups(keys: np.ndarray, test_size: float, seed: int) -> np.ndarray:
     return chosen[group]
 
 
+def _contaminated(store: PairStore, benchmark: str) -> np.ndarray:
+    """Per stored pair: True when its prompt text shares a word 13-gram with a benchmark prompt.
+
+    Raises:
+        DataError: the benchmark file is missing or malformed (``bad_config``, fatal).
+    """
+    from orpo_core.data.synthetic.instructions.decontaminate import NgramIndex
+
+    try:
+        index = NgramIndex.from_ifeval(Path(benchmark).expanduser())
+    except (OSError, ValueError) as e:
+        raise DataError(f"data.decontaminate: {e}", file=str(benchmark), reason="bad_config", fatal=True) from e
+    flags: list[bool] = []
+    for batch in store.batches():
+        for msgs in batch.column("prompt").to_pylist():
+            flags.append(index.shares_ngram("\n".join(m["content"] for m in msgs or [])))
+    return np.array(flags, dtype=bool)
+
+
 def _select(recipe: Recipe, states: list[SourceState], store: PairStore) -> np.ndarray:
     """Steps 3-6 on the stored pairs: returns 0 (dropped), 1 (train) or 2 (test) per pair,
     counting drops in ``states``."""
@@ -403,6 +455,10 @@ def _select(recipe: Recipe, states: list[SourceState], store: PairStore) -> np.n
         dup = np.ones(n, dtype=bool)
         dup[first] = False
         drop(dup, DUPLICATE)
+
+    # 3b. decontamination against a benchmark's prompts
+    if data.decontaminate and n:
+        drop(_contaminated(store, data.decontaminate) & alive, CONTAMINATED)
 
     def main_rows(i: int) -> np.ndarray:
         return np.flatnonzero(alive & (src == i) & ~is_test)
@@ -625,10 +681,21 @@ def _build_stats(recipe: Recipe, states: list[SourceState], store: PairStore, ou
             "dedup": recipe.data.dedup,
             "test_size": recipe.data.test_size,
             "min_score_margin": recipe.data.min_score_margin,
+            "decontaminate": _benchmark_info(recipe.data.decontaminate),
         },
     }
 
 
+
+
+def _benchmark_info(path: str | None) -> dict[str, Any] | None:
+    """The decontamination benchmark named in stats.json: path, sha256 and n-gram length."""
+    if not path:
+        return None
+    from orpo_core.data.synthetic.instructions.decontaminate import N
+
+    p = Path(path).expanduser()
+    return {"path": str(p.resolve()), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "ngram": N}
 
 
 def _staging(out_dir: Path):

@@ -182,6 +182,8 @@ def source_fingerprint(source: Mapping[str, Any]) -> str:
     """
     if source.get("synthetic") is not None:
         return "synthetic"
+    if source.get("onpolicy") is not None:
+        return "onpolicy"  # its pairs are fingerprinted by the stage key (the run's onpolicy folder)
     path = str(source.get("path"))
     p = Path(path).expanduser()
     if p.exists():
@@ -241,8 +243,17 @@ def stage_base_key(stage: str, inputs: Mapping[str, Any]) -> str:
         "code": code_fingerprint(stage),
         "out_dir": str(Path(inputs["out_dir"]).resolve()),
     }
-    if stage == "prepare":
+    if stage == "generate":
+        parts["local_model"] = _local_model_fingerprint(recipe)
+        bench = [(s.get("onpolicy") or {}).get("decontaminate") for s in recipe["data"]["sources"]]
+        parts["benchmark"] = [dir_fingerprint(Path(b).expanduser()) for b in bench if b and Path(b).expanduser().exists()]
+    elif stage == "prepare":
         parts["sources"] = [source_fingerprint(s) for s in recipe["data"]["sources"]]
+        if any(s.get("onpolicy") for s in recipe["data"]["sources"]):  # the generate stage's pairs
+            parts["onpolicy"] = dir_fingerprint(Path(inputs["out_dir"]).resolve().parent / "onpolicy")
+        bench = recipe["data"].get("decontaminate")
+        if bench and Path(bench).expanduser().exists():
+            parts["decontaminate"] = dir_fingerprint(Path(bench).expanduser())
     elif stage == "tokenize":
         parts["data"] = dir_fingerprint(inputs["data_dir"])
         parts["local_model"] = _local_model_fingerprint(recipe)

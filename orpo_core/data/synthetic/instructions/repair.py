@@ -69,6 +69,7 @@ def _nth_first_word(text: str, kw: dict[str, Any], _ctx: dict[str, Any]) -> str:
 
 
 def _sections(text: str, kw: dict[str, Any], _ctx: dict[str, Any]) -> str:
+    text = re.sub(r"(?im)^\s*(?:section)\s*\d+\s*:?\s*$", "", text)  # the answer's own section headers go
     g = _groups(sentences(text), int(kw["num_sections"]))
     if g is None:
         return text
