@@ -9,7 +9,7 @@ that fails is reported and the next one runs:
    CUDA memory above the training state, ours/TRL ratios.
 2. The same on the lm-head-bound tiny SmolLM3-shaped model with a 128,256-token vocabulary
    (``--model tiny --vocab-size 128256``, Llama 3 / SmolLM3 vocabulary size).
-3. ``precision: auto`` on this GPU (``orpo_core.training.precision.choose_precision``) and a short real
+3. ``precision: auto`` on this GPU (``orpo_core.models.precision.choose_precision``) and a short real
    training of the tiny test recipe (tests/orpo_train_entry.py) with, in turn:
    a. bf16 auto + padding-free packing on flash-attention 2 varlen
       (``model.attn_implementation: flash_attention_2``, ``orpo.padding_free: true``; skipped
@@ -82,7 +82,7 @@ import json, sys, time
 sys.path.insert(0, "tests")
 from orpo_train_entry import build_tokenized, make_recipe
 from orpo_core.training.run import run_training
-from orpo_core.training.precision import choose_precision
+from orpo_core.models.precision import choose_precision
 print("precision auto on this device:", choose_precision())
 over = json.loads(sys.argv[2])
 rec = make_recipe(sys.argv[1], n_rows=200, **over)

@@ -254,6 +254,10 @@ def eval_(
         "works without a prepared run (the model's own tokenizer, what needs no prepared data)",
     ),
     base: bool = typer.Option(True, "--base/--no-base", help="also evaluate the base model and report deltas"),
+    out_name: str = typer.Option(
+        "eval", "--out", help="folder under the run folder for eval.json / eval.md (e.g. eval-benchmarks, to keep the "
+        "pipeline's eval/ as it is)"
+    ),
 ) -> None:
     """Evaluate a model: preference accuracy, perplexity, lm-eval tasks; writes eval.json and eval.md.
 
@@ -264,6 +268,8 @@ def eval_(
     """
     _setup_env()
     r = _load(recipe, set_)
+    if not out_name or Path(out_name).name != out_name or out_name in (".", "..", "data", "tokenized", "train", "onpolicy"):
+        _fail(ValueError(f"--out {out_name!r}: give a new folder name under the run folder (not a path, not a stage folder)"))
     from orpo_core.evaluation import run_evaluation
     from orpo_core.models.sources import resolve_model_source
     from orpo_core.runs.lock import run_folder_lock
@@ -297,7 +303,7 @@ def eval_(
                 r,
                 model_dir,
                 out / "tokenized",
-                out / "eval",
+                out / out_name,
                 log_history=log_history if (is_trained and log_history.is_file()) else None,
                 allow_unprepared=bool(model),
                 model_label=label,
@@ -308,7 +314,7 @@ def eval_(
     skipped = result.get("skipped") if isinstance(result, dict) else None
     for item in skipped or []:
         console.print(f"[yellow]skipped[/yellow]: {item}")
-    console.print(f"[green]eval[/green] -> {out / 'eval' / 'eval.md'}")
+    console.print(f"[green]eval[/green] -> {out / out_name / 'eval.md'}")
 
 
 @app.command()

@@ -425,7 +425,7 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
         description="auto: bf16 autocast (float32 master weights) on a CUDA GPU with bf16 support or a CPU with "
-        "avx512_bf16/amx_bf16, fp32 otherwise (orpo_core.training.precision; ORPO_CPU_BF16=0/1 forces the CPU check)",
+        "avx512_bf16/amx_bf16, fp32 otherwise (orpo_core.models.precision; ORPO_CPU_BF16=0/1 forces the CPU check)",
     )
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="None: evaluate at the end only")
@@ -477,6 +477,9 @@ class EvalConfig(_Strict):
     max_instructions: int | None = Field(100, gt=0, description="cap on held-out instruction prompts answered")
     instruction_examples: int = Field(4, ge=0, description="instruction answers shown side by side in eval.md")
     batch_size: int = Field(8, gt=0)
+    generation_batch_size: int | None = Field(
+        None, gt=0, description="prompts per generate call for lm-eval and instruction answers (None: batch_size)"
+    )
     compare_base: bool = True
     max_new_tokens: int = Field(64, gt=0)
     prompts: list[str] = Field(default_factory=list, description="fixed prompts answered by base and trained model")

@@ -70,6 +70,14 @@ def test_generate_writes_verified_pairs_and_prepare_reads_them(tmp_path, shared_
     assert src["read"] == len(pairs) and src["format"] == "onpolicy"
     assert st["splits"]["train"]["by_source"].get("onpolicy:instructions", 0) + st["splits"]["test"]["by_source"].get(
         "onpolicy:instructions", 0) == src["kept"]
+    # the project's own held-out instruction metric reads only the generator's held-out rows
+    import pyarrow.parquet as pq
+
+    from orpo_core.evaluation.instruction_following import load_instruction_prompts
+
+    test = pq.read_table(r.out_dir / "data" / "test.parquet").to_pylist()
+    own = load_instruction_prompts(r.out_dir / "data" / "test.parquet")
+    assert len(own) == sum(1 for row in test if row["constraints"] and not row["source"].startswith("onpolicy:"))
 
 
 def test_prepare_without_generated_pairs_names_the_missing_file(tmp_path, shared_data):

@@ -1,4 +1,4 @@
-"""Precision choice (orpo_core.training.precision) and bf16 mixed-precision training.
+"""Precision choice (orpo_core.models.precision) and bf16 mixed-precision training.
 
 * detection: /proc/cpuinfo flags, the ORPO_CPU_BF16 override each way, explicit recipe values;
 * build_training_args: ``auto`` gives Trainer bf16 (autocast) exactly when the CPU counts as bf16-capable;
@@ -15,11 +15,12 @@ import json
 import pytest
 import torch
 
-from orpo_core.training.precision import (
+from orpo_core.models.precision import (
     CPU_BF16_ENV,
     autocast_dtype,
     choose_precision,
     cpu_bf16_flags,
+    generation_weights_dtype,
     resolve_precision,
 )
 
@@ -203,7 +204,7 @@ def test_model_card_and_artifact_rows_show_the_choice(tmp_path):
 
 
 # --------------------------------------------------------------------------- evaluation
-def test_evaluation_scores_under_autocast_and_generates_in_fp32_on_cpu(tmp_path):
+def test_evaluation_scores_under_autocast_and_generates_on_bf16_weights_on_cpu(tmp_path):
     import numpy as np
     from orpo_train_entry import build_tokenized, make_recipe
     from transformers import AutoTokenizer
@@ -220,8 +221,8 @@ def test_evaluation_scores_under_autocast_and_generates_in_fp32_on_cpu(tmp_path)
     pairs = load_pairs(tokenized / "test.parquet")
     src = loading.validate_model_source(resolve_model_path(rec.model, rec.out_dir, rec.seed), role="base model")
     model = loading.load_eval_model(src, tokenizer, dtype="float32", device="cpu")
-    seen: list[tuple[bool, int]] = []  # (autocast on, sequence length) of each forward
-    model.register_forward_hook(lambda m, args, kw, out: seen.append((torch.is_autocast_enabled("cpu"), kw["input_ids"].shape[1]))
+    seen: list[tuple[bool, torch.dtype]] = []  # (autocast on, weight dtype) of each forward
+    model.register_forward_hook(lambda m, args, kw, out: seen.append((torch.is_autocast_enabled("cpu"), m.lm_head.weight.dtype))
                                 if "input_ids" in kw else None, with_kwargs=True)
     prompts = build_prompts(tokenizer, ["1 + 1 ="], [], 0)
     runs = {}
@@ -230,9 +231,14 @@ def test_evaluation_scores_under_autocast_and_generates_in_fp32_on_cpu(tmp_path)
         runs[precision] = evaluate_model(model, tokenizer, recipe=rec, pairs=pairs, corpus_ids=None, tasks=[],
                                          prompts=prompts, include_dir=None, precision=precision)
         flags = [on for on, _ in seen]
+        dtypes = [d for _, d in seen]
         n_score = -(-len(pairs) // rec.eval.batch_size)  # the first forwards score the pairs
-        assert flags[:n_score] == [precision == "bf16"] * n_score
-        assert not any(flags[n_score:]) and len(flags) > n_score  # greedy generation: fp32 on CPU
+        assert flags[:n_score] == [precision == "bf16"] * n_score and set(dtypes[:n_score]) == {torch.float32}
+        assert not any(flags[n_score:]) and len(flags) > n_score  # no autocast while generating on a CPU
+        # generation: bf16 weights when evaluating in bf16 (cast after scoring), fp32 otherwise
+        assert set(dtypes[n_score:]) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert generation_weights_dtype("bf16", "cpu") is torch.bfloat16
+    assert generation_weights_dtype("fp32", "cpu") is None and generation_weights_dtype("bf16", "cuda") is None
     a, b = runs["fp32"]["scores"], runs["bf16"]["scores"]
     assert not np.array_equal(a.chosen_logp_sum, b.chosen_logp_sum)  # bf16 really ran
     assert np.allclose(a.chosen_logp_sum, b.chosen_logp_sum, rtol=2e-2, atol=0.5)

@@ -22,6 +22,7 @@ modes. Rows are in the normalized schema (``prompt`` = [user message], ``chosen`
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from orpo_core.data.synthetic.instructions.repair import repair
 __all__ = ["SOURCE", "build_pairs", "complete_sentences", "generate_onpolicy", "onpolicy_source", "pairs_file", "sample_answers"]
 
 SOURCE = "onpolicy:instructions"
+log = logging.getLogger(__name__)
 _CLOSED = re.compile(r"""[.!?]["')\]*]*$""")
 
 
@@ -96,6 +98,7 @@ def sample_answers(
                 gen = model.generate(**enc, **kw)
             for row, i in enumerate(idx):
                 out[i] = tokenizer.decode(gen[row, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+            log.info("sampled %d / %d answers", min(b + batch_size, len(order)), len(order))
     finally:
         tokenizer.padding_side = side
     return out
@@ -208,6 +211,7 @@ def generate_onpolicy(recipe, out_dir: str | Path) -> dict[str, Any]:
     from orpo_core.io import staging_dir
     from orpo_core.models.chat import load_tokenizer
     from orpo_core.models.loading import load_model
+    from orpo_core.models.precision import generation_weights_dtype, resolve_precision
 
     from .synthetic.instructions.decontaminate import NgramIndex
     from .synthetic.instructions.requests import make_requests
@@ -224,11 +228,15 @@ def generate_onpolicy(recipe, out_dir: str | Path) -> dict[str, Any]:
                                         max_instructions=cfg.max_instructions)
     tokenizer, added = load_tokenizer(recipe.require_model(), recipe.out_dir, recipe.seed)
     model = load_model(recipe, tokenizer, added, for_training=False)
+    device_type = next(model.parameters()).device.type
+    precision, reason = resolve_precision(recipe.train.precision, device_type)
+    gen_dtype = generation_weights_dtype(precision, device_type)
+    if gen_dtype is not None:
+        model = model.to(gen_dtype)
     t1 = time.perf_counter()
     answers = sample_answers(model, tokenizer, [r["prompt"] for r in requests], max_new_tokens=cfg.max_new_tokens,
                              batch_size=cfg.batch_size, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
     t2 = time.perf_counter()
-    del model
     rows, pair_stats = build_pairs(requests, answers)
     stats = {
         "source": SOURCE,
@@ -239,6 +247,7 @@ def generate_onpolicy(recipe, out_dir: str | Path) -> dict[str, Any]:
         "generated_tokens_budget": cfg.n_requests * cfg.max_new_tokens,
         "timing_s": {"load": round(t1 - t0, 2), "generate": round(t2 - t1, 2), "total": round(time.perf_counter() - t0, 2)},
         "torch_threads": torch.get_num_threads(),
+        "precision": {"generation": str(gen_dtype or next(model.parameters()).dtype).replace("torch.", ""), "reason": reason},
     }
     with staging_dir(out_dir) as tmp:
         with (tmp / "pairs.jsonl").open("w", encoding="utf-8") as f:

@@ -47,7 +47,7 @@ DIR_NAME = "eval-cache"
 #: ``eval`` fields that do not change one model's results (or whose content is hashed on its own)
 IGNORED_EVAL_FIELDS = ("gate_metric", "gate_mode", "compare_base", "instruction_examples", "tasks_dir", "corpus")
 #: ``orpo_core`` paths whose code evaluates a model (part of the key)
-CODE_PATHS = ("evaluation", "models", "training/precision.py", "data/synthetic/instructions", "data/nltk_data.py")
+CODE_PATHS = ("evaluation", "models", "models/precision.py", "data/synthetic/instructions", "data/nltk_data.py")
 _ORPO_ROOT = Path(__file__).resolve().parent.parent
 
 

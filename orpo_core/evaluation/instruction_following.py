@@ -72,7 +72,8 @@ class FollowResult:
 
 
 def load_instruction_prompts(path: str | Path, max_prompts: int | None = None) -> list[InstructionPrompt]:
-    """Rows with a non-null ``constraints`` column of a normalized pair file (``data/test.parquet``).
+    """Rows with a non-null ``constraints`` column of a normalized pair file (``data/test.parquet``),
+    except the on-policy rows (``source`` starting with ``onpolicy:``, :mod:`orpo_core.data.onpolicy`).
 
     Args:
         path: the Parquet file (:data:`orpo_core.data.schema.PAIR_SCHEMA`; files written
@@ -91,6 +92,10 @@ def load_instruction_prompts(path: str | Path, max_prompts: int | None = None) -
         if col not in table.column_names:
             raise EvalInputError(f"{path}: missing column {col!r} (have {table.column_names})")
     constraints = table.column("constraints").to_pylist()
+    # on-policy rows carry IFEval's ids and kwargs (checked by lm-eval when they were made): the project's
+    # own held-out metric is the generator's held-out split, so they are not part of it
+    sources = table.column("source").to_pylist() if "source" in table.column_names else [None] * table.num_rows
+    constraints = [None if str(src or "").startswith("onpolicy:") else c for c, src in zip(constraints, sources)]
     prompts = table.column("prompt").to_pylist()
     origins = table.column("origin").to_pylist() if "origin" in table.column_names else [None] * table.num_rows
     out: list[InstructionPrompt] = []

@@ -54,16 +54,18 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """All metrics of one loaded model.
 
-    ``precision`` (``fp32``/``bf16``/``fp16``, see :mod:`orpo_core.training.precision`): the scoring
+    ``precision`` (``fp32``/``bf16``/``fp16``, see :mod:`orpo_core.models.precision`): the scoring
     forwards (held-out pairs, corpus) run under autocast in that dtype; generation and lm-eval
-    only where :func:`orpo_core.training.precision.generation_uses_autocast` says so (CUDA).
+    under autocast where :func:`orpo_core.models.precision.generation_uses_autocast` says so (CUDA),
+    and on weights cast to :func:`orpo_core.models.precision.generation_weights_dtype` (bf16 on a
+    CPU in bf16; the cast happens after the scoring forwards, on the model passed in).
 
     Returns:
         ``{"metrics": {key: detail}, "scores": PairScores | None, "answers": [...],
         "lm_eval": {...} , "corpus": {...} | None, "instructions": FollowResult | None,
         "timing_s": {...}}``.
     """
-    from orpo_core.training.precision import autocast_context, generation_uses_autocast
+    from orpo_core.models.precision import autocast_context, generation_uses_autocast, generation_weights_dtype
 
     ev = recipe.eval
     device_type = next(model.parameters()).device.type
@@ -100,6 +102,10 @@ def evaluate_model(
             "n_windows": c["n_windows"],
         }
         out["timing_s"]["corpus"] = time.perf_counter() - t0
+    gen_dtype = generation_weights_dtype(precision, device_type)
+    if gen_dtype is not None and (tasks or prompts or instructions):
+        model = model.to(gen_dtype)  # after the scoring forwards: lm-eval and generation on bf16 weights (CPU)
+    gen_batch = ev.generation_batch_size or ev.batch_size
     if tasks:
         t0 = time.perf_counter()
         # lm-eval mixes log-likelihood and generation requests: it follows the generation rule
@@ -109,7 +115,7 @@ def evaluate_model(
                 tokenizer,
                 tasks,
                 limit=ev.limit,
-                batch_size=ev.batch_size,
+                batch_size=gen_batch,
                 bootstrap_iters=ev.bootstrap_samples,
                 seed=recipe.seed,
                 include_dir=include_dir,
@@ -127,7 +133,7 @@ def evaluate_model(
     if instructions:
         t0 = time.perf_counter()
         with gen_ctx():
-            res = answer_and_score(model, tokenizer, instructions, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
+            res = answer_and_score(model, tokenizer, instructions, max_new_tokens=ev.max_new_tokens, batch_size=gen_batch)
         out["instructions"] = res
         out["metrics"].update(instruction_metrics(res, bootstrap_samples=ev.bootstrap_samples, seed=recipe.seed))
         out["timing_s"]["instructions"] = time.perf_counter() - t0
@@ -324,7 +330,7 @@ def run_evaluation(
     # ------------------------------------------------------------ evaluate each model
     import tempfile
 
-    from orpo_core.training.precision import generation_uses_autocast, resolve_precision
+    from orpo_core.models.precision import generation_uses_autocast, generation_weights_dtype, resolve_precision
 
     device_type = loading.resolve_device().type
     precision, precision_reason = resolve_precision(recipe.train.precision, device_type)
@@ -489,7 +495,11 @@ def run_evaluation(
             "max_new_tokens": ev.max_new_tokens,
             "precision": {
                 "scoring": precision,
-                "generation": precision if generation_uses_autocast(precision, device_type) else "fp32",
+                "generation": (
+                    "bf16 weights" if generation_weights_dtype(precision, device_type) is not None
+                    else f"{precision} autocast" if generation_uses_autocast(precision, device_type) else "fp32"
+                ),
+                "generation_batch_size": ev.generation_batch_size or ev.batch_size,
                 "reason": precision_reason,
             },
             "eval_fields_hash": fields_hash(recipe, "evaluate"),

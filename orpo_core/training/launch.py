@@ -140,7 +140,7 @@ def describe(cfg: DistributedConfig, gpus: int | None = None) -> dict[str, Any]:
 
 
 def _mixed_precision(recipe: Recipe) -> str:
-    from .precision import resolve_precision
+    from orpo_core.models.precision import resolve_precision
 
     p, _ = resolve_precision(recipe.train.precision)  # auto: as the launched processes will resolve it
     return p if p in ("bf16", "fp16") else "no"

@@ -35,7 +35,7 @@ from orpo_core.stages import fields_hash
 from orpo_core.config import Recipe
 from orpo_core.io import read_json
 from orpo_core.models.sources import resolve_model_path
-from orpo_core.training.precision import resolve_precision
+from orpo_core.models.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _cuda() -> bool:
 
 def training_precision(recipe: Recipe) -> tuple[str, str]:
     """``(precision, reason)`` this process trains in: ``recipe.train.precision`` with ``auto``
-    resolved by :func:`orpo_core.training.precision.resolve_precision` for this device (CUDA when
+    resolved by :func:`orpo_core.models.precision.resolve_precision` for this device (CUDA when
     available, else CPU): ``bf16`` mixed precision (autocast, float32 master weights) where
     the hardware has native bf16, else ``fp32``.
 

@@ -13,7 +13,7 @@ trl/experimental/orpo/orpo_trainer.py):
   On the first fused batch the trainer checks that ``lm_head(hidden[:, -1])`` equals the
   model's own last-position logits, so a model whose last hidden state is not the
   lm-head input fails loudly instead of training on wrong logits.
-* **Mixed precision** (``args.bf16`` / ``args.fp16``, see :mod:`orpo_core.training.precision`): the
+* **Mixed precision** (``args.bf16`` / ``args.fp16``, see :mod:`orpo_core.models.precision`): the
   model's forward runs under Trainer's (accelerate's) autocast over float32 master weights;
   the fused loss, which runs after the forward, does its lm-head matmuls in the autocast dtype
   (``matmul_dtype``) and keeps log-softmax, log-probs, ``log1mexp``, the odds ratio and its
