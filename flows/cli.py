@@ -182,7 +182,8 @@ def prep(
     on_error: Optional[str] = typer.Option(None, "--on-error", help="raise (default) or skip bad rows, counted in stats.json"),
     tokenize: bool = typer.Option(True, "--tokenize/--no-tokenize", help="tokenize when the recipe names a model"),
 ) -> None:
-    """Load, normalize, binarize, clean and split the data to Parquet, then tokenize."""
+    """Load, normalize, binarize, clean and split the data to Parquet, then tokenize (an ``onpolicy``
+    source first runs the generate stage: the model answers, its failing answers are paired with their repair)."""
     _setup_env()
     overrides = list(set_ or [])
     if on_error:
@@ -199,6 +200,11 @@ def prep(
                 from orpo_core.data.context_length import check_max_length
 
                 check_max_length(r)  # data.max_length vs the model's context, before any data is written
+            if any(s.onpolicy is not None for s in r.data.sources):  # the generate stage first (its pairs feed prepare)
+                from orpo_core.data.onpolicy import generate_onpolicy
+
+                generate_onpolicy(r, out / "onpolicy")
+                console.print(f"[green]onpolicy[/green] -> {out / 'onpolicy'}")
             stats = prepare_dataset(r, out / "data")
             console.print(f"[green]data[/green] -> {out / 'data'}")
             if tokenize and r.model is not None:

@@ -7,12 +7,13 @@ instruction is phrased by lm-eval's own checker (``build_description(**kwargs)``
 checkers draw from the global ``random`` when an argument is missing; we never let them).
 Combinations follow lm-eval's ``INSTRUCTION_CONFLICTS`` (no two conflicting ids in one prompt).
 
+Wording: IFEval's prompts phrase the same instruction in many ways, so for the ids of
+:data:`PARAPHRASES` the text is drawn among lm-eval's description and our paraphrases.
 Decontamination: a prompt must not share a 13-gram (lower-cased word tokens) with any of the
 541 prompts of Google's IFEval (:class:`.decontaminate.NgramIndex`). Some of lm-eval's own
 descriptions do (they are IFEval's wording: "At the end of your response, please explicitly
-add a postscript starting with ..."); for those ids a paraphrase of ours
-(:data:`PARAPHRASES`) is used instead, and a prompt that still collides is dropped and
-counted (``stats["dropped_contaminated"]``).
+add a postscript starting with ..."); for those ids only a paraphrase is used, and a prompt
+that still collides is dropped and counted (``stats["dropped_contaminated"]``).
 
 A request is a dict ``{"prompt", "request", "kind", "topic", "instruction_id_list",
 "kwargs"}`` in IFEval's input format (``kwargs`` one dict per id), so IFEval's checks apply
@@ -53,23 +54,52 @@ _YES_NO = {"question"}
 PARAPHRASES: dict[str, tuple[str, ...]] = {
     "detectable_content:number_placeholders": (
         "Put at least {num_placeholders} placeholders in square brackets, like [name], in your answer.",
+        "Leave at least {num_placeholders} blanks for the reader to fill in, written in square brackets such as [date].",
     ),
-    "detectable_content:postscript": ("Close your answer with a note that begins with {postscript_marker}",),
+    "detectable_content:postscript": (
+        "Close your answer with a note that begins with {postscript_marker}",
+        "Add a short postscript at the very end that starts with {postscript_marker}",
+    ),
     "detectable_format:constrained_response": (
         'Reply with exactly one of these: "My answer is yes.", "My answer is no.", "My answer is maybe."',
+        'Answer only with "My answer is yes.", "My answer is no." or "My answer is maybe."',
     ),
     "detectable_format:number_highlighted_sections": (
         "Mark at least {num_highlights} parts of the answer as highlighted with markdown, like *this part*.",
+        "Use markdown to highlight at least {num_highlights} sections, for example *an important part*.",
     ),
-    "detectable_format:title": ("Give the answer a title inside double angle brackets, like <<a title>>.",),
-    "combination:two_responses": ("Write two different answers and put six asterisks ****** between them.",),
+    "detectable_format:title": (
+        "Give the answer a title inside double angle brackets, like <<a title>>.",
+        "Start with a title wrapped in double angular brackets, for example <<my title>>.",
+    ),
+    "combination:two_responses": (
+        "Write two different answers and put six asterisks ****** between them.",
+        "Give me two distinct versions, separated by a line of six asterisks: ******",
+    ),
     "combination:repeat_prompt": (
         "Start by copying my request above word for word, then answer it (copy only the request, not this sentence).",
+        "Before answering, repeat the request above exactly as written (leave out this sentence), then give your answer.",
     ),
-    "startend:end_checker": ("The very last words of your answer must be: {end_phrase}",),
-    "change_case:english_lowercase": ("Write the whole answer in English using only lowercase letters.",),
+    "startend:end_checker": (
+        "The very last words of your answer must be: {end_phrase}",
+        'End your reply with the exact words "{end_phrase}" and write nothing after them.',
+    ),
+    "startend:quotation": ("Put your whole answer inside double quotes.", "Enclose the entire reply in double quotation marks."),
+    "change_case:english_lowercase": (
+        "Write the whole answer in English using only lowercase letters.",
+        "Your reply must be all lowercase, with no capital letters at all.",
+        "Use lowercase letters only in your answer; do not capitalize anything, not even names.",
+    ),
+    "change_case:english_capital": (
+        "Write your whole answer in English using capital letters only.",
+        "Your entire reply must be in uppercase English letters.",
+    ),
     "change_case:capital_word_frequency": ("Use words written entirely in capitals {capital_relation} {capital_frequency} times.",),
+    "punctuation:no_comma": ("Do not use any commas in your answer.", "Your reply must not contain a single comma."),
+    "length_constraints:number_words": ("Your answer should be {relation} {num_words} words long.",),
 }
+#: ids whose wording is drawn among lm-eval's own and the paraphrases (IFEval's prompts phrase them many ways)
+VARIED = frozenset(PARAPHRASES)
 
 _END_PHRASES = tuple(dict.fromkeys(("Any other questions?", "Is there anything else I can help with?") + bank.END_PHRASES))
 _LANGUAGES = ("es", "fr", "de", "it", "pt")
@@ -160,11 +190,16 @@ def _pick_ids(rng: random.Random, n: int, kind: str, conflicts: dict[str, set[st
 
 
 def _phrase(rng: random.Random, iid: str, kwargs: dict[str, Any], index) -> tuple[str, bool]:
-    """lm-eval's description, or our paraphrase when that one shares a 13-gram with the benchmark."""
+    """The instruction's wording and whether it is a paraphrase: lm-eval's description, or one of our
+    paraphrases (drawn among both for the ids of :data:`VARIED`; always a paraphrase when lm-eval's
+    wording shares a 13-gram with the benchmark)."""
     text = describe(iid, kwargs)
-    if index is not None and iid in PARAPHRASES and index.shares_ngram(text):
-        return rng.choice(PARAPHRASES[iid]).format(**kwargs), True
-    return text, False
+    if iid not in PARAPHRASES:
+        return text, False
+    collides = index is not None and index.shares_ngram(text)
+    options = list(PARAPHRASES[iid]) + ([] if collides else [None])
+    pick = rng.choice(options)
+    return (text, False) if pick is None else (pick.format(**kwargs), True)
 
 
 def make_requests(n: int, *, seed: int, index=None, max_instructions: int = 3) -> tuple[list[dict[str, Any]], dict[str, Any]]:
