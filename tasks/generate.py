@@ -7,11 +7,8 @@ from typing import Any
 
 from prefect import task
 
-from orpo_core.io import json_safe
-
-from .artifacts import artifact_key, markdown_artifact
-from .options import cached_task_options, load_recipe_dict
-from .stage import stage_run
+from .options import cached_task_options
+from .stage import run_file_stage
 
 
 def onpolicy_markdown(stats: dict[str, Any], run_name: str) -> str:
@@ -53,9 +50,4 @@ def generate_task(recipe: dict[str, Any], out_dir: str) -> dict[str, Any]:
     """
     from orpo_core.data.onpolicy import generate_onpolicy
 
-    r = load_recipe_dict(recipe)
-    with stage_run("generate", {"recipe": recipe, "out_dir": out_dir}) as box:
-        stats = generate_onpolicy(r, Path(out_dir))
-        box["result"] = {"stage": "generate", "path": str(out_dir), "stats": json_safe(stats)}
-    markdown_artifact(onpolicy_markdown(stats, r.run_name), artifact_key(r.run_name, "onpolicy"), f"On-policy pairs of {r.run_name}")
-    return {**box["result"], "content_hash": box["content_hash"]}
+    return run_file_stage("generate", recipe, out_dir, generate_onpolicy, onpolicy_markdown, "onpolicy", "On-policy pairs")

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 
-from orpo_core.io import json_safe
-
-from .artifacts import artifact_key, markdown_artifact
-
-from .options import cached_task_options, load_recipe_dict
-
-from .stage import stage_run
+from .options import cached_task_options
+from .stage import run_file_stage
 
 
 @task(**cached_task_options("prepare"), description="Load, normalize, clean and split the preference data to Parquet.")
@@ -34,11 +28,6 @@ def prepare_task(recipe: dict[str, Any], out_dir: str) -> dict[str, Any]:
     """
     from orpo_core.data.prepare import prepare_dataset
 
-    r = load_recipe_dict(recipe)
-    with stage_run("prepare", {"recipe": recipe, "out_dir": out_dir}) as box:
-        stats = prepare_dataset(r, Path(out_dir))
-        box["result"] = {"stage": "prepare", "path": str(out_dir), "stats": json_safe(stats)}
     from .ui import data_stats_markdown
 
-    markdown_artifact(data_stats_markdown(stats, r.run_name), artifact_key(r.run_name, "data-stats"), f"Data preparation stats of {r.run_name}")
-    return {**box["result"], "content_hash": box["content_hash"]}
+    return run_file_stage("prepare", recipe, out_dir, prepare_dataset, data_stats_markdown, "data-stats", "Data preparation stats")

@@ -63,3 +63,28 @@ def stage_run(stage: str, inputs: Mapping[str, Any]) -> Iterator[dict[str, Any]]
     box["content_hash"] = stamp["content_hash"]
     box["seconds"] = round(time.monotonic() - t0, 2)
     run_logger().info("%s finished in %.1f s -> %s", stage, box["seconds"], out_dir)
+
+
+def run_file_stage(stage: str, recipe: dict[str, Any], out_dir: str, build, markdown, artifact: str, title: str) -> dict[str, Any]:
+    """One stage that writes files and a stats dict (generate, prepare), with its bookkeeping.
+
+    Args:
+        stage: the stage name (:data:`orpo_core.stages.STAGES`).
+        recipe: the recipe dict passed to the task.
+        out_dir: the stage folder.
+        build: ``build(recipe: Recipe, out_dir: Path) -> stats`` (the library call).
+        markdown: ``markdown(stats, run_name) -> str``, the stage's Prefect artifact.
+        artifact: the artifact key's suffix (``<run>-<artifact>``); title: its description (``<title> of <run>``).
+
+    Returns:
+        ``{"stage", "path", "stats", "content_hash"}``.
+    """
+    from .artifacts import artifact_key, markdown_artifact
+    from .options import load_recipe_dict
+
+    r = load_recipe_dict(recipe)
+    with stage_run(stage, {"recipe": recipe, "out_dir": out_dir}) as box:
+        stats = build(r, Path(out_dir))
+        box["result"] = {"stage": stage, "path": str(out_dir), "stats": json_safe(stats)}
+    markdown_artifact(markdown(stats, r.run_name), artifact_key(r.run_name, artifact), f"{title} of {r.run_name}")
+    return {**box["result"], "content_hash": box["content_hash"]}

@@ -84,3 +84,15 @@ def test_eval_without_model_still_needs_a_prepared_run(tmp_path, corpus):
     assert r.exit_code == 2
     assert "no trained model" in r.output and "--model PATH" in r.output
     assert not (tmp_path / "run").exists()  # nothing built or written
+
+
+def test_eval_out_writes_beside_the_pipelines_eval_and_refuses_paths(tmp_path, tiny_model_dir, corpus):
+    recipe = _recipe(tmp_path, corpus)
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["eval", str(recipe), "--model", str(tiny_model_dir), "--no-base", "--out", "eval-benchmarks"])
+    assert r.exit_code == 0, r.output
+    assert (run / "eval-benchmarks" / "eval.json").is_file() and not (run / "eval").exists()
+    for bad in ("../elsewhere", "train", "a/b"):
+        r = CliRunner().invoke(app, ["eval", str(recipe), "--model", str(tiny_model_dir), "--out", bad])
+        assert r.exit_code == 2 and "--out" in r.output, (bad, r.output)
+    assert not (tmp_path / "elsewhere").exists()

@@ -291,19 +291,14 @@ def _read_split(
         derived_seed(src.binarize.seed if src.binarize.seed is not None else recipe.seed, "binarize", idx, which)
     )
 
-    if src.onpolicy is not None:
-        name, records = _onpolicy_records(recipe)
-        st.format = "onpolicy"
+    if src.onpolicy is not None or src.synthetic is not None:  # rows made by the project, already normalized
+        kind = "onpolicy" if src.onpolicy is not None else "synthetic"
+        name, records = (
+            _onpolicy_records(recipe) if kind == "onpolicy" else _synthetic_records(src, recipe.seed, which, data.test_size)
+        )
+        st.format = kind
         st.files.append(name)
-        st.formats[name] = "onpolicy"
-        ctx = ChunkContext("synthetic", None, None, None, st.label, data.on_error, data.min_score_margin)
-        _collect(st, counts, runner.run(ctx, record_chunks(records, name), rng), store, idx, which)
-        return
-    if src.synthetic is not None:
-        name, records = _synthetic_records(src, recipe.seed, which, data.test_size)
-        st.format = "synthetic"
-        st.files.append(name)
-        st.formats[name] = "synthetic"
+        st.formats[name] = kind
         ctx = ChunkContext("synthetic", None, None, None, st.label, data.on_error, data.min_score_margin)
         _collect(st, counts, runner.run(ctx, record_chunks(records, name), rng), store, idx, which)
         return
