@@ -275,7 +275,7 @@ def eval_(
     _setup_env()
     r = _load(recipe, set_)
     if not out_name or Path(out_name).name != out_name or out_name in (".", "..", "data", "tokenized", "train", "onpolicy"):
-        _fail(ValueError(f"--out {out_name!r}: give a new folder name under the run folder (not a path, not a stage folder)"))
+        _bad_input(ValueError(f"--out {out_name!r}: give a new folder name under the run folder (not a path, not a stage folder)"))
     from orpo_core.evaluation import run_evaluation
     from orpo_core.models.sources import resolve_model_source
     from orpo_core.runs.lock import run_folder_lock
