@@ -200,9 +200,9 @@ def prep(
                 from orpo_core.data.context_length import check_max_length
 
                 check_max_length(r)  # data.max_length vs the model's context, before any data is written
-            if any(s.onpolicy is not None for s in r.data.sources):  # the generate stage first (its pairs feed prepare)
-                from orpo_core.data.onpolicy import generate_onpolicy
+            from orpo_core.data.onpolicy import generate_onpolicy, onpolicy_source
 
+            if onpolicy_source(r) is not None:  # the generate stage first (its pairs feed prepare)
                 generate_onpolicy(r, out / "onpolicy")
                 console.print(f"[green]onpolicy[/green] -> {out / 'onpolicy'}")
             stats = prepare_dataset(r, out / "data")

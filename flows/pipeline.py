@@ -60,7 +60,9 @@ def _remote_data_prep(recipe: str, overrides: list[str] | None) -> str | None:
 
 
 def _has_onpolicy(r) -> bool:
-    return any(s.onpolicy is not None for s in r.data.sources)
+    from orpo_core.data.onpolicy import onpolicy_source
+
+    return onpolicy_source(r) is not None
 
 
 # --------------------------------------------------------------------------- flows

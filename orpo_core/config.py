@@ -265,6 +265,12 @@ class DataConfig(_Strict):
     )
 
     @model_validator(mode="after")
+    def _one_onpolicy(self) -> "DataConfig":
+        if sum(s.onpolicy is not None for s in self.sources) > 1:
+            raise ValueError("at most one 'onpolicy' source per recipe (one generate stage per run)")
+        return self
+
+    @model_validator(mode="after")
     def _lengths(self) -> "DataConfig":
         if self.max_prompt_length >= self.max_length:
             raise ValueError(

@@ -55,7 +55,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             # on-policy pairs from the base model (only for recipes with an ``onpolicy`` source)
             "generate",
-            fields=(*_MODEL_FIELDS, "model.dtype", "model.attn_implementation", "data.sources", "seed"),
+            fields=(*_MODEL_FIELDS, "model.dtype", "model.attn_implementation", "train.precision", "data.sources", "seed"),
             code=("data/onpolicy.py", "data/synthetic/instructions", "data/nltk_data.py", "models"),
         ),
         Stage(

@@ -40,6 +40,12 @@ def test_a_source_has_exactly_one_origin():
     assert r.data.sources[0].display_name == "onpolicy:instructions" and r.data.sources[0].onpolicy.max_new_tokens == 160
 
 
+def test_a_recipe_has_at_most_one_onpolicy_source():
+    two = {"run_name": "x", "data": {"sources": [{"onpolicy": {}}, {"onpolicy": {"n_requests": 5}}]}}
+    with pytest.raises(RecipeError, match="at most one 'onpolicy' source"):
+        load_recipe_dict(two)
+
+
 def test_generate_writes_verified_pairs_and_prepare_reads_them(tmp_path, shared_data):
     from orpo_core.data.onpolicy import generate_onpolicy
     from orpo_core.data.prepare import prepare_dataset

@@ -31,7 +31,7 @@ from typing import Any
 from orpo_core.data.synthetic.instructions.checks import check
 from orpo_core.data.synthetic.instructions.repair import repair
 
-__all__ = ["SOURCE", "build_pairs", "complete_sentences", "generate_onpolicy", "onpolicy_source", "pairs_file", "sample_answers"]
+__all__ = ["SOURCE", "build_pairs", "complete_sentences", "generate_onpolicy", "judge", "onpolicy_source", "pairs_file", "sample_answers"]
 
 SOURCE = "onpolicy:instructions"
 log = logging.getLogger(__name__)
@@ -104,12 +104,22 @@ def sample_answers(
     return out
 
 
-def build_pairs(requests: list[dict[str, Any]], answers: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def judge(requests: list[dict[str, Any]], answers: list[str]) -> list[list[bool]]:
+    """IFEval's strict verdicts (:func:`~orpo_core.data.synthetic.instructions.checks.check`) of each answer
+    to its request: one list of bools per request, one bool per instruction."""
+    return [check(a, r["instruction_id_list"], r["kwargs"], r["prompt"]) for r, a in zip(requests, answers)]
+
+
+def build_pairs(
+    requests: list[dict[str, Any]], answers: list[str], verdicts: list[list[bool]] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Preference rows from answers judged by IFEval's checks (see the module docstring).
 
     Args:
         requests: IFEval-format rows (``prompt``, ``instruction_id_list``, ``kwargs``, ``kind``, ``topic``).
         answers: one answer per request.
+        verdicts: IFEval's strict verdicts of each answer when the caller has them already
+            (:func:`judge`); None: judged here.
 
     Returns:
         (rows, stats). ``stats``: ``n_requests``, ``answers_following_all`` (prompt-level
@@ -124,18 +134,19 @@ def build_pairs(requests: list[dict[str, Any]], answers: list[str]) -> tuple[lis
     rows: list[dict[str, Any]] = []
     per: dict[str, dict[str, int]] = {}
     n_follow = n_inst = n_inst_ok = n_unrep = n_empty = 0
-    for k, (req, ans) in enumerate(zip(requests, answers)):
-        verdicts = check(ans, req["instruction_id_list"], req["kwargs"], req["prompt"])
-        n_inst += len(verdicts)
-        n_inst_ok += sum(verdicts)
-        for iid, ok in zip(req["instruction_id_list"], verdicts):
+    if verdicts is None:
+        verdicts = judge(requests, answers)
+    for k, (req, ans, follow) in enumerate(zip(requests, answers, verdicts)):
+        n_inst += len(follow)
+        n_inst_ok += sum(follow)
+        for iid, ok in zip(req["instruction_id_list"], follow):
             d = per.setdefault(iid, {"n": 0, "followed": 0, "pairs": 0})
             d["n"] += 1
             d["followed"] += int(ok)
         if not ans.strip():
             n_empty += 1
             continue
-        if all(verdicts):
+        if all(follow):
             n_follow += 1
             continue
         fixed = repair(complete_sentences(ans), req, pick=k)
@@ -167,15 +178,9 @@ def build_pairs(requests: list[dict[str, Any]], answers: list[str]) -> tuple[lis
 
 
 def onpolicy_source(recipe):
-    """The recipe's ``onpolicy`` source config, or None.
-
-    Raises:
-        ValueError: more than one ``onpolicy`` source (one generate stage per run).
-    """
-    found = [s.onpolicy for s in recipe.data.sources if s.onpolicy is not None]
-    if len(found) > 1:
-        raise ValueError("data.sources: at most one 'onpolicy' source per recipe")
-    return found[0] if found else None
+    """The recipe's ``onpolicy`` source config (:class:`orpo_core.config.OnPolicyConfig`; the recipe
+    allows at most one), or None."""
+    return next((s.onpolicy for s in recipe.data.sources if s.onpolicy is not None), None)
 
 
 def pairs_file(out_dir: str | Path) -> Path:
@@ -200,12 +205,10 @@ def generate_onpolicy(recipe, out_dir: str | Path) -> dict[str, Any]:
         the stats dict.
 
     Raises:
-        ValueError: no ``onpolicy`` source, or several.
+        ValueError: no ``onpolicy`` source.
         FileNotFoundError: the ``decontaminate`` benchmark file does not exist (named).
         orpo_core.models.loading.ModelLoadError, orpo_core.models.chat.TokenizerLoadError: the model.
     """
-    import hashlib
-
     import torch
 
     from orpo_core.io import staging_dir
@@ -213,7 +216,7 @@ def generate_onpolicy(recipe, out_dir: str | Path) -> dict[str, Any]:
     from orpo_core.models.loading import load_model
     from orpo_core.models.precision import generation_weights_dtype, resolve_precision
 
-    from .synthetic.instructions.decontaminate import NgramIndex
+    from .synthetic.instructions.decontaminate import NgramIndex, benchmark_info
     from .synthetic.instructions.requests import make_requests
 
     cfg = onpolicy_source(recipe)
@@ -237,11 +240,12 @@ def generate_onpolicy(recipe, out_dir: str | Path) -> dict[str, Any]:
     answers = sample_answers(model, tokenizer, [r["prompt"] for r in requests], max_new_tokens=cfg.max_new_tokens,
                              batch_size=cfg.batch_size, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
     t2 = time.perf_counter()
-    rows, pair_stats = build_pairs(requests, answers)
+    verdicts = judge(requests, answers)
+    rows, pair_stats = build_pairs(requests, answers, verdicts=verdicts)
     stats = {
         "source": SOURCE,
         "settings": cfg.model_dump() | {"seed": seed},
-        "benchmark": {"path": str(bench.resolve()), "sha256": hashlib.sha256(bench.read_bytes()).hexdigest(), "ngram": 13},
+        "benchmark": benchmark_info(bench),
         "requests": req_stats,
         **{k: v for k, v in pair_stats.items() if k != "created_unix"},
         "generated_tokens_budget": cfg.n_requests * cfg.max_new_tokens,
@@ -254,8 +258,7 @@ def generate_onpolicy(recipe, out_dir: str | Path) -> dict[str, Any]:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         with (tmp / "answers.jsonl").open("w", encoding="utf-8") as f:
-            for req, ans in zip(requests, answers):
-                verdicts = check(ans, req["instruction_id_list"], req["kwargs"], req["prompt"])
-                f.write(json.dumps({**req, "answer": ans, "follow": verdicts}, ensure_ascii=False) + "\n")
+            for req, ans, follow in zip(requests, answers, verdicts):
+                f.write(json.dumps({**req, "answer": ans, "follow": follow}, ensure_ascii=False) + "\n")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return stats

@@ -85,6 +85,7 @@ from orpo_core.data.errors import NO_ROWS, DataError, RowRef
 from orpo_core.data.formats import ColumnMap, resolve_file_format
 from orpo_core.data.loading import JSONL_SUFFIXES, PARQUET_SUFFIXES, RawFile, RawSource, _has_suffix, open_source
 from orpo_core.data.schema import PAIR_SCHEMA
+from orpo_core.data.synthetic.instructions.decontaminate import NgramIndex, benchmark_info
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +414,6 @@ def _contaminated(store: PairStore, benchmark: str) -> np.ndarray:
     Raises:
         DataError: the benchmark file is missing or malformed (``bad_config``, fatal).
     """
-    from orpo_core.data.synthetic.instructions.decontaminate import NgramIndex
 
     try:
         index = NgramIndex.from_ifeval(Path(benchmark).expanduser())
@@ -676,21 +676,11 @@ def _build_stats(recipe: Recipe, states: list[SourceState], store: PairStore, ou
             "dedup": recipe.data.dedup,
             "test_size": recipe.data.test_size,
             "min_score_margin": recipe.data.min_score_margin,
-            "decontaminate": _benchmark_info(recipe.data.decontaminate),
+            "decontaminate": benchmark_info(recipe.data.decontaminate) if recipe.data.decontaminate else None,
         },
     }
 
 
-
-
-def _benchmark_info(path: str | None) -> dict[str, Any] | None:
-    """The decontamination benchmark named in stats.json: path, sha256 and n-gram length."""
-    if not path:
-        return None
-    from orpo_core.data.synthetic.instructions.decontaminate import N
-
-    p = Path(path).expanduser()
-    return {"path": str(p.resolve()), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "ngram": N}
 
 
 def _staging(out_dir: Path):

@@ -71,17 +71,13 @@ def registry() -> dict[str, type]:
     return found
 
 
-def _checker(instruction_id: str, kwargs: dict[str, Any] | None, prompt: str):
+def _build(instruction_id: str, kwargs: dict[str, Any] | None):
+    """lm-eval's checker for one instruction, built with ``kwargs`` (None values dropped), and its wording."""
     cls = registry().get(instruction_id)
     if cls is None:
         raise ValueError(f"unknown IFEval instruction id {instruction_id!r} (known: {', '.join(INSTRUCTION_IDS)})")
     inst = cls(instruction_id)
-    kw = {k: v for k, v in (kwargs or {}).items() if v is not None}
-    inst.build_description(**kw)
-    args = inst.get_instruction_args()
-    if args and "prompt" in args:  # lm-eval passes the prompt to checkers that want it
-        inst.build_description(prompt=prompt)
-    return inst
+    return inst, inst.build_description(**{k: v for k, v in (kwargs or {}).items() if v is not None})
 
 
 def describe(instruction_id: str, kwargs: dict[str, Any] | None) -> str:
@@ -95,10 +91,7 @@ def describe(instruction_id: str, kwargs: dict[str, Any] | None) -> str:
     Raises:
         ValueError: unknown id, or arguments the checker rejects.
     """
-    cls = registry().get(instruction_id)
-    if cls is None:
-        raise ValueError(f"unknown IFEval instruction id {instruction_id!r} (known: {', '.join(INSTRUCTION_IDS)})")
-    return cls(instruction_id).build_description(**{k: v for k, v in (kwargs or {}).items() if v is not None})
+    return _build(instruction_id, kwargs)[1]
 
 
 def check(response: str, instruction_ids: list[str], kwargs: list[dict[str, Any] | None], prompt: str) -> list[bool]:
@@ -121,6 +114,9 @@ def check(response: str, instruction_ids: list[str], kwargs: list[dict[str, Any]
         raise ValueError(f"{len(instruction_ids)} instruction ids but {len(kwargs)} kwargs")
     out = []
     for iid, kw in zip(instruction_ids, kwargs):
-        inst = _checker(iid, kw, prompt)
+        inst, _ = _build(iid, kw)
+        args = inst.get_instruction_args()
+        if args and "prompt" in args:  # lm-eval passes the prompt to checkers that want it
+            inst.build_description(prompt=prompt)
         out.append(bool(response.strip() and inst.check_following(response)))
     return out

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["N", "NgramIndex", "words"]
+__all__ = ["N", "NgramIndex", "benchmark_info", "words"]
 
 N = 13
 _WORD = re.compile(r"[a-z0-9]+")
@@ -73,3 +73,15 @@ class NgramIndex:
     def shares_ngram(self, text: str) -> bool:
         """True when ``text`` has a word n-gram that some indexed text has."""
         return not self._grams.isdisjoint(_grams(words(text), self.n))
+
+
+def benchmark_info(path: str | os.PathLike) -> dict[str, object]:
+    """How stats.json names a decontamination benchmark: absolute ``path``, ``sha256`` of the file, ``ngram`` (13).
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
+    from orpo_core.io import file_sha256
+
+    p = Path(path).expanduser()
+    return {"path": str(p.resolve()), "sha256": file_sha256(p), "ngram": N}
