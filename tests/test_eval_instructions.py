@@ -87,11 +87,11 @@ def test_score_responses_uses_the_verifiers():
         InstructionPrompt([{"role": "user", "content": "p1"}], [build("change_case:english_capital"), build("punctuation:no_comma")]),
         InstructionPrompt([{"role": "user", "content": "p2"}], [build("startend:quotation")]),
     ]
-    res = score_responses(prompts, ["BEES FLY, AND STING.", '"ok"'])
+    res = score_responses(prompts, ["THE BEES FLY OVER THE FIELDS, AND THEY STING.", '"ok"'])
     assert res.follow == [[True, False], [True]]
     with pytest.raises(ValueError, match="2 prompts but 1 responses"):
         score_responses(prompts, ["x"])
-    ex = side_by_side(prompts, {"base": res, "trained": score_responses(prompts, ["BEES FLY.", '"ok"'])}, 1)
+    ex = side_by_side(prompts, {"base": res, "trained": score_responses(prompts, ["THE BEES FLY OVER THE FIELDS AND THEY STING.", '"ok"'])}, 1)
     assert len(ex) == 1 and ex[0]["prompt"] == "p1"  # the prompt where the models disagree comes first
     assert ex[0]["base"]["follow"] == [True, False] and ex[0]["trained"]["follow"] == [True, True]
 

@@ -30,8 +30,19 @@ from orpo_core.data.synthetic.instructions.verifiers import (
 
 # (id, kwargs, responses that follow, responses that do not)
 CASES = [
-    ("change_case:english_capital", {}, ["HELLO WORLD.", "BEES, 3 OF THEM!"], ["Hello world.", "HELLO world", "123 !"]),
-    ("change_case:english_lowercase", {}, ["hello world.", "p.s. 3 bees"], ["Hello world.", "hello World", "42"]),
+    # lm-eval's case checks also ask langdetect (seeded) for English: "HELLO WORLD." is not, to it
+    (
+        "change_case:english_capital",
+        {},
+        ["THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG.", "THIS IS MY ANSWER, AND IT IS WRITTEN IN CAPITAL LETTERS."],
+        ["Hello world.", "HELLO world", "123 !", "HELLO WORLD."],
+    ),
+    (
+        "change_case:english_lowercase",
+        {},
+        ["the quick brown fox jumps over the lazy dog.", "p.s. thank you for reading this letter."],
+        ["Hello world.", "hello World", "42"],
+    ),
     (
         "detectable_format:number_bullet_lists",
         {"num_bullets": 2},
@@ -120,6 +131,28 @@ def test_verifier_accepts_following_and_rejects_violating(cid, kwargs, good, bad
     # strict IFEval: an empty / blank response follows nothing
     assert not v.check("") and not v.check("  \n")
     assert isinstance(v.description, str) and v.description.strip()
+
+
+@pytest.mark.parametrize("cid,kwargs,good,bad", [c for c in CASES if c[0] in IFEVAL_IDS], ids=lambda v: str(v)[:40])
+def test_ifeval_ids_are_lm_evals_own_checker(cid, kwargs, good, bad):
+    """Every IFEval id's wording and verdict are lm-eval's checker's, on each case's answers."""
+    from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
+
+    v = build(cid, kwargs)
+    ref = INSTRUCTION_DICT[cid](cid)
+    assert v.description == ref.build_description(**v.kwargs)
+    for r in [*good, *bad]:
+        assert v.check(r) == ref.check_following(r), (cid, r)
+
+
+def test_langdetect_verdicts_repeat():
+    """lm-eval's case check asks langdetect, which samples at random unless seeded: the verdict on a
+    borderline text must not change from one call to the next."""
+    v = build("change_case:english_capital")
+    texts = ["BEES, 3 OF THEM!", "HELLO WORLD.", "BEES MAKE HONEY FROM THE NECTAR OF FLOWERS.", "OK SURE"]
+    first = [v.check(t) for t in texts]
+    for _ in range(15):
+        assert [v.check(t) for t in texts] == first
 
 
 def test_descriptions_render_kwargs_with_ifeval_wording():

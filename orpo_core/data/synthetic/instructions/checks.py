@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-__all__ = ["INSTRUCTION_IDS", "check", "describe", "registry"]
+__all__ = ["INSTRUCTION_IDS", "check", "describe", "registry", "seed_langdetect"]
 
 #: the 25 instruction ids of Google's IFEval (lm-eval's ``INSTRUCTION_DICT`` keys), sorted
 INSTRUCTION_IDS: tuple[str, ...] = (
@@ -51,9 +51,24 @@ INSTRUCTION_IDS: tuple[str, ...] = (
 )
 
 
+def seed_langdetect(seed: int = 0) -> None:
+    """Make ``langdetect`` deterministic (``DetectorFactory.seed``, as langdetect's README advises).
+
+    lm-eval's ``change_case:english_capital`` / ``english_lowercase`` and
+    ``language:response_language`` checks call ``langdetect.detect``, which draws random
+    samples: unseeded, the same response can pass once and fail the next time (seen on
+    short all-caps text). Seeding makes every verdict repeatable: the generator's, the
+    on-policy judge's and lm-eval's own ``ifeval`` scoring in this process.
+    """
+    import langdetect
+
+    langdetect.DetectorFactory.seed = seed
+
+
 @functools.lru_cache(maxsize=1)
 def registry() -> dict[str, type]:
-    """lm-eval's ``INSTRUCTION_DICT`` (instruction id -> checker class), imported offline.
+    """lm-eval's ``INSTRUCTION_DICT`` (instruction id -> checker class), imported offline,
+    with ``langdetect`` seeded (:func:`seed_langdetect`).
 
     Raises:
         RuntimeError: NLTK's punkt_tab is missing and cannot be written (see
@@ -64,6 +79,7 @@ def registry() -> dict[str, type]:
     from orpo_core.data.nltk_data import ensure_punkt_tab
 
     ensure_punkt_tab()
+    seed_langdetect()
     from lm_eval.tasks.ifeval import instructions_registry
 
     found = dict(instructions_registry.INSTRUCTION_DICT)

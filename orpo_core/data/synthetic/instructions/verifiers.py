@@ -1,26 +1,20 @@
 """Verifiable instructions in the spirit of IFEval: one class per instruction id.
 
-Each verifier is built from its id's keyword arguments, renders the sentence
-that goes into the prompt (:attr:`Verifier.description`, IFEval's wording) and
-checks a response with :meth:`Verifier.check`. The checks follow IFEval's
-*strict* semantics (Zhou et al. 2023, "Instruction-Following Evaluation for
-Large Language Models"; google-research ``instruction_following_eval`` and
-lm-eval's ``lm_eval/tasks/ifeval/instructions.py``): they look at the raw
-response, and an empty or whitespace-only response follows no instruction
-(``test_instruction_following_strict``).
+Each verifier is built from its id's keyword arguments (validated here, so a bad
+constraint fails with :class:`ConstraintError` naming the id and argument), renders the
+sentence that goes into the prompt (:attr:`Verifier.description`) and checks a response
+with :meth:`Verifier.check`. For Google's IFEval ids, wording and check are lm-eval's own
+checker (``lm_eval/tasks/ifeval/instructions.py``, a copy of google-research
+``instruction_following_eval``, through :mod:`orpo_core.data.synthetic.instructions.checks`):
+``build_description(**kwargs)`` and ``check_following(response)`` with IFEval's *strict*
+semantics (the raw response; an empty or whitespace-only response follows no
+instruction, lm-eval's ``test_instruction_following_strict``). That includes the
+``langdetect`` English test of ``change_case:english_capital`` / ``english_lowercase``
+(seeded, so verdicts repeat: :func:`~orpo_core.data.synthetic.instructions.checks.registry`).
 
-Differences from IFEval, on purpose:
-
-* ``change_case:english_capital`` / ``english_lowercase`` drop IFEval's
-  ``langdetect`` language check (every generated content is English, and
-  ``langdetect`` is neither deterministic on short text nor a dependency);
-  the case test (``str.isupper`` / ``str.islower``) is IFEval's.
-* ``detectable_format:json_key`` is ours (not an IFEval id): a JSON object
-  (markdown fences allowed, as in ``json_format``) with a given top-level key.
-  :data:`IFEVAL_IDS` lists the ids whose semantics are IFEval's.
-
-Nothing here imports lm-eval or NLTK: IFEval's word count (NLTK's
-``RegexpTokenizer(r"\\w+")``) is the same as ``re.findall(r"\\w+", text)``.
+Only ``detectable_format:json_key`` is ours (IFEval has no equivalent): a JSON object
+(markdown fences allowed, as in ``json_format``) with a given top-level key.
+:data:`IFEVAL_IDS` lists the ids checked by lm-eval.
 """
 
 from __future__ import annotations
@@ -28,6 +22,8 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, ClassVar
+
+from orpo_core.data.synthetic.instructions import checks
 
 __all__ = [
     "IFEVAL_IDS",
@@ -67,10 +63,11 @@ def _strip_json_fence(value: str) -> str:
 class Verifier:
     """Base class: an instruction id, its keyword arguments, a description and a check.
 
-    Subclasses set :attr:`id`, :attr:`kwarg_types` (name -> accepted Python type(s); all
+    Subclasses set :attr:`id` and :attr:`kwarg_types` (name -> accepted Python type(s); all
     required; an ``int`` must be >= 1, a ``str`` non-blank and is stored stripped, a ``list``
-    a non-empty list of non-blank strings) and :attr:`template` (or override :meth:`_describe`),
-    and implement :meth:`_follows`.
+    a non-empty list of non-blank strings). For an IFEval id (:attr:`ifeval` true) wording
+    and check are lm-eval's checker built with these kwargs; a class of ours sets
+    :attr:`ifeval` false and overrides :meth:`_describe` and :meth:`_follows`.
 
     Raises:
         ConstraintError: missing, unexpected or badly typed keyword arguments,
@@ -79,8 +76,8 @@ class Verifier:
 
     id: ClassVar[str] = ""
     kwarg_types: ClassVar[dict[str, type | tuple[type, ...]]] = {}
-    #: the instruction's wording, ``str.format`` placeholders named after the keyword arguments
-    template: ClassVar[str] = ""
+    #: wording and check are lm-eval's IFEval checker for :attr:`id`
+    ifeval: ClassVar[bool] = True
 
     def __init__(self, **kwargs: Any) -> None:
         missing = sorted(set(self.kwarg_types) - set(kwargs))
@@ -111,16 +108,16 @@ class Verifier:
 
     @property
     def description(self) -> str:
-        """The instruction as written into the prompt (IFEval's wording where the id is IFEval's)."""
+        """The instruction as written into the prompt (lm-eval's wording where the id is IFEval's)."""
         return self._describe()
 
     def _describe(self) -> str:
-        """:attr:`template` filled with the keyword arguments; subclasses with wording that
-        depends on the values override this."""
-        return self.template.format(**self.kwargs)
+        """lm-eval's ``build_description(**kwargs)`` (classes of ours override this)."""
+        return checks.describe(self.id, self.kwargs)
 
-    def _follows(self, response: str) -> bool:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _follows(self, response: str) -> bool:
+        """lm-eval's strict verdict (classes of ours override this)."""
+        return checks.check(response, [self.id], [self.kwargs], prompt="")[0]
 
     def check(self, response: str) -> bool:
         """True when ``response`` follows the instruction (IFEval strict: raw text, empty fails)."""
@@ -152,45 +149,26 @@ def _nonempty(v: Verifier, name: str) -> None:
         raise ConstraintError(f"{v.id}: {name} must not be empty")
 
 
-# --------------------------------------------------------------------------- change_case
+# --------------------------------------------------------------------------- IFEval's ids
+# Wording and check are lm-eval's (the base class); these classes only state and validate
+# each id's keyword arguments.
 class EnglishCapital(Verifier):
-    """The entire response in capital letters (``str.isupper``: has a cased letter, none lowercase)."""
+    """The entire response in English capital letters (lm-eval: ``str.isupper`` and ``langdetect`` says English)."""
 
     id = "change_case:english_capital"
 
-    template = "Your entire response should be in English, and in all capital letters."
-
-    def _follows(self, response: str) -> bool:
-        return response.isupper()
-
 
 class EnglishLowercase(Verifier):
-    """The entire response in lowercase letters (``str.islower``: has a cased letter, none uppercase)."""
+    """The entire response in English lowercase letters (lm-eval: ``str.islower`` and ``langdetect`` says English)."""
 
     id = "change_case:english_lowercase"
 
-    template = "Your entire response should be in English, and in all lowercase letters. No capital letters are allowed."
 
-    def _follows(self, response: str) -> bool:
-        return response.islower()
-
-
-# --------------------------------------------------------------------------- detectable_format
 class NumberBulletLists(Verifier):
     """Exactly ``num_bullets`` markdown bullets: lines ``^\\s*\\*[^*]`` plus lines ``^\\s*-`` (IFEval)."""
 
     id = "detectable_format:number_bullet_lists"
     kwarg_types = {"num_bullets": int}
-
-    template = (
-        "Your answer must contain exactly {num_bullets} bullet points. "
-        "Use the markdown bullet points such as:\n* This is point 1. \n* This is point 2"
-    )
-
-    def _follows(self, response: str) -> bool:
-        stars = re.findall(r"^\s*\*[^\*].*$", response, flags=re.MULTILINE)
-        dashes = re.findall(r"^\s*-.*$", response, flags=re.MULTILINE)
-        return len(stars) + len(dashes) == self.kwargs["num_bullets"]
 
 
 class JsonFormat(Verifier):
@@ -198,55 +176,18 @@ class JsonFormat(Verifier):
 
     id = "detectable_format:json_format"
 
-    template = "Entire output should be wrapped in JSON format. You can use markdown ticks such as ```."
-
-    def _follows(self, response: str) -> bool:
-        try:
-            json.loads(_strip_json_fence(response))
-        except ValueError:
-            return False
-        return True
-
-
-class JsonKey(Verifier):
-    """Ours, not IFEval: the whole response is a JSON object (fence allowed) with top-level ``key``."""
-
-    id = "detectable_format:json_key"
-    kwarg_types = {"key": str}
-
-    template = 'Entire output should be a JSON object with the key "{key}". You can use markdown ticks such as ```.'
-
-    def _follows(self, response: str) -> bool:
-        try:
-            obj = json.loads(_strip_json_fence(response))
-        except ValueError:
-            return False
-        return isinstance(obj, dict) and self.kwargs["key"] in obj
-
 
 class Title(Verifier):
     """A title in double angular brackets, ``<<...>>`` on one line with non-blank text (IFEval)."""
 
     id = "detectable_format:title"
 
-    template = "Your answer must contain a title, wrapped in double angular brackets, such as <<poem of joy>>."
 
-    def _follows(self, response: str) -> bool:
-        titles = re.findall(r"<<[^\n]+>>", response)
-        return any(t.lstrip("<").rstrip(">").strip() for t in titles)
-
-
-# --------------------------------------------------------------------------- startend
 class EndChecker(Verifier):
     """Ends with ``end_phrase`` (case-insensitive, after stripping whitespace and double quotes; IFEval)."""
 
     id = "startend:end_checker"
     kwarg_types = {"end_phrase": str}
-
-    template = "Finish your response with this exact phrase {end_phrase}. No other words should follow this phrase."
-
-    def _follows(self, response: str) -> bool:
-        return response.strip().strip('"').lower().endswith(self.kwargs["end_phrase"].lower())
 
 
 class Quotation(Verifier):
@@ -254,23 +195,11 @@ class Quotation(Verifier):
 
     id = "startend:quotation"
 
-    template = "Wrap your entire response with double quotation marks."
 
-    def _follows(self, response: str) -> bool:
-        value = response.strip()
-        return len(value) > 1 and value[0] == '"' and value[-1] == '"'
-
-
-# --------------------------------------------------------------------------- punctuation / length
 class NoComma(Verifier):
     """No ``,`` anywhere in the response (IFEval)."""
 
     id = "punctuation:no_comma"
-
-    template = "In your entire response, refrain from the use of any commas."
-
-    def _follows(self, response: str) -> bool:
-        return "," not in response
 
 
 class NumberWords(Verifier):
@@ -284,12 +213,6 @@ class NumberWords(Verifier):
         if self.kwargs["relation"] not in self.RELATIONS:
             raise ConstraintError(f"{self.id}: relation must be one of {self.RELATIONS}, got {self.kwargs['relation']!r}")
 
-    template = "Answer with {relation} {num_words} words."
-
-    def _follows(self, response: str) -> bool:
-        n = count_words(response)
-        return n < self.kwargs["num_words"] if self.kwargs["relation"] == "less than" else n >= self.kwargs["num_words"]
-
 
 class NumberParagraphs(Verifier):
     """Exactly ``num_paragraphs`` paragraphs separated by ``***`` (IFEval: split on ``\\s?\\*\\*\\*\\s?``;
@@ -298,39 +221,12 @@ class NumberParagraphs(Verifier):
     id = "length_constraints:number_paragraphs"
     kwarg_types = {"num_paragraphs": int}
 
-    template = "There should be {num_paragraphs} paragraphs. Paragraphs are separated with the markdown divider: ***"
 
-    def _follows(self, response: str) -> bool:
-        paragraphs = re.split(r"\s?\*\*\*\s?", response)
-        n = len(paragraphs)
-        for i, p in enumerate(paragraphs):
-            if not p.strip():
-                if i == 0 or i == len(paragraphs) - 1:
-                    n -= 1
-                else:
-                    return False
-        return n == self.kwargs["num_paragraphs"]
-
-
-# --------------------------------------------------------------------------- content / keywords
 class Postscript(Verifier):
     """A postscript starting with ``postscript_marker`` (IFEval: ``P.S.`` / ``P.P.S`` patterns, case-insensitive)."""
 
     id = "detectable_content:postscript"
     kwarg_types = {"postscript_marker": str}
-
-    template = "At the end of your response, please explicitly add a postscript starting with {postscript_marker}"
-
-    def _follows(self, response: str) -> bool:
-        marker = self.kwargs["postscript_marker"]
-        value = response.lower()
-        if marker == "P.P.S":
-            pattern = r"\s*p\.\s?p\.\s?s.*$"
-        elif marker == "P.S.":
-            pattern = r"\s*p\.\s?s\..*$"
-        else:
-            pattern = r"\s*" + marker.lower() + r".*$"
-        return bool(re.findall(pattern, value, flags=re.MULTILINE))
 
 
 class KeywordsExistence(Verifier):
@@ -342,11 +238,6 @@ class KeywordsExistence(Verifier):
     def _validate(self) -> None:
         self.kwargs["keywords"] = sorted(self.kwargs["keywords"])
 
-    template = "Include keywords {keywords} in the response."
-
-    def _follows(self, response: str) -> bool:
-        return all(re.search(k, response, flags=re.IGNORECASE) for k in self.kwargs["keywords"])
-
 
 class ForbiddenWords(Verifier):
     """None of ``forbidden_words`` occurs as a whole word (``\\bword\\b``, case-insensitive; IFEval)."""
@@ -357,10 +248,24 @@ class ForbiddenWords(Verifier):
     def _validate(self) -> None:
         self.kwargs["forbidden_words"] = sorted(set(self.kwargs["forbidden_words"]))
 
-    template = "Do not include keywords {forbidden_words} in the response."
+
+# --------------------------------------------------------------------------- ours
+class JsonKey(Verifier):
+    """Ours, not IFEval: the whole response is a JSON object (fence allowed) with top-level ``key``."""
+
+    id = "detectable_format:json_key"
+    kwarg_types = {"key": str}
+    ifeval = False
+
+    def _describe(self) -> str:
+        return f'Entire output should be a JSON object with the key "{self.kwargs["key"]}". You can use markdown ticks such as ```.'
 
     def _follows(self, response: str) -> bool:
-        return not any(re.search(r"\b" + w + r"\b", response, flags=re.IGNORECASE) for w in self.kwargs["forbidden_words"])
+        try:
+            obj = json.loads(_strip_json_fence(response))
+        except ValueError:
+            return False
+        return isinstance(obj, dict) and self.kwargs["key"] in obj
 
 
 #: id -> verifier class
@@ -384,8 +289,8 @@ REGISTRY: dict[str, type[Verifier]] = {
     )
 }
 
-#: ids whose checks are IFEval's (``json_key`` is ours; the two case checks skip the language test)
-IFEVAL_IDS = frozenset(REGISTRY) - {JsonKey.id}
+#: ids checked and worded by lm-eval's IFEval checkers (``json_key`` is ours)
+IFEVAL_IDS = frozenset(i for i, cls in REGISTRY.items() if cls.ifeval)
 
 
 def build(instruction_id: str, kwargs: dict[str, Any] | None = None) -> Verifier:
