@@ -200,6 +200,7 @@ class OnPolicyConfig(_Strict):
     max_new_tokens: int = Field(160, gt=0, description="tokens per sampled answer")
     temperature: float = Field(0.7, ge=0, description="0: greedy")
     top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(50, ge=1, description="candidates per step (transformers' default 50)")
     batch_size: int = Field(32, gt=0, description="prompts per generate call")
     max_instructions: int = Field(3, ge=1, le=3)
     seed: int | None = Field(None, description="None: the recipe seed")

@@ -61,6 +61,7 @@ def sample_answers(
     batch_size: int = 32,
     temperature: float = 0.7,
     top_p: float = 0.9,
+    top_k: int = 50,
     seed: int = 0,
 ) -> list[str]:
     """One sampled answer per prompt, through the tokenizer's chat template.
@@ -72,13 +73,19 @@ def sample_answers(
         max_new_tokens: generation budget per answer (tokens).
         batch_size: prompts per ``generate`` call (left padding; prompts are sorted by length
             so a batch pads little, and answers are returned in input order).
-        temperature, top_p: sampling settings (``temperature <= 0``: greedy).
+        temperature, top_p, top_k: sampling settings (``temperature <= 0``: greedy), transformers'
+            temperature -> top-k -> top-p chain, drawn over the top k only
+            (:class:`~orpo_core.models.sampling.TopKNucleusSampler`: the same distribution, without
+            sorting and sampling the whole vocabulary every step).
         seed: ``torch.manual_seed`` before each batch (reproducible on one machine).
 
     Returns:
         the decoded answers (special tokens removed, stripped), aligned with ``prompts``.
     """
     import torch
+    from transformers import LogitsProcessorList
+
+    from orpo_core.models.sampling import TopKNucleusSampler
 
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts]
@@ -93,7 +100,9 @@ def sample_answers(
             enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             torch.manual_seed(seed + b)
             kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id}
-            kw |= {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+            kw["do_sample"] = False  # greedy emits the sampler's draw when sampling
+            if temperature > 0:
+                kw["logits_processor"] = LogitsProcessorList([TopKNucleusSampler(temperature, top_p, top_k)])
             with torch.inference_mode():
                 gen = model.generate(**enc, **kw)
             for row, i in enumerate(idx):
@@ -238,7 +247,8 @@ def generate_onpolicy(recipe, out_dir: str | Path) -> dict[str, Any]:
         model = model.to(gen_dtype)
     t1 = time.perf_counter()
     answers = sample_answers(model, tokenizer, [r["prompt"] for r in requests], max_new_tokens=cfg.max_new_tokens,
-                             batch_size=cfg.batch_size, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
+                             batch_size=cfg.batch_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                             seed=seed)
     t2 = time.perf_counter()
     verdicts = judge(requests, answers)
     rows, pair_stats = build_pairs(requests, answers, verdicts=verdicts)
