@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,25 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+        _drain_prefect_workers(timeout_s=30)
+
+
+def _drain_prefect_workers(timeout_s: float) -> None:
+    """Stop Prefect's log and event workers, waiting at most ``timeout_s`` for each.
+
+    ``prefect_test_harness`` drains them on exit without a timeout; on 2026-12-06 that drain
+    hung after the last test (pytest idle for minutes in ``run_coro_as_sync(drain_workers())``,
+    the worker's event loop waiting on a future that never resolved), which would hold CI until
+    its own limit. ``drain_all`` stops and removes each instance before waiting, so after this
+    the harness's drain finds nothing left to wait for.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        _, pending = service.drain_all(timeout=timeout_s, at_exit=False)
+        if pending:
+            warnings.warn(f"{service.__name__}: {len(pending)} worker(s) did not drain in {timeout_s} s; left behind")
 
 
 @pytest.fixture(scope="session")
