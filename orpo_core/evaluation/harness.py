@@ -272,11 +272,11 @@ def run_lm_eval(
     from lm_eval.tasks import TaskManager
 
     if any(t.upstream == "ifeval" for t in tasks):
-        from orpo_core.data.nltk_data import ensure_punkt_tab
-        from orpo_core.data.synthetic.instructions.checks import seed_langdetect
+        from orpo_core.data.synthetic.instructions.checks import registry
 
-        ensure_punkt_tab()  # before lm-eval imports its ifeval module (it would download punkt_tab)
-        seed_langdetect()  # lm-eval's case / language checks repeat their verdicts
+        # lm-eval's ifeval module, imported the one offline way: punkt_tab written first (it would
+        # download it) and langdetect seeded (its case / language verdicts repeat)
+        registry()
     local = [t for t in tasks if t.local]
     data_dirs = {str(Path(t.data_file).parent) for t in local if t.data_file}
     if len(data_dirs) > 1:
