@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import platform
 
 import pytest
 import torch
@@ -170,6 +171,8 @@ def test_bf16_run_tracks_the_fp32_loss_curve(tmp_path, monkeypatch):
     assert auto["trainable_dtype"] == "float32"  # master weights
     assert "bf16" in auto["reason"]
     assert metrics["fp32"]["precision"]["used"] == "fp32" and metrics["fp32"]["precision"]["autocast"] is False
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":  # CPU training kept its freed memory
+        assert metrics["auto"]["heap_retained"] is (not torch.cuda.is_available())
     fp32, bf16 = curves["fp32"], curves["auto"]
     assert len(fp32) == len(bf16) == STEPS
     assert fp32 != bf16 and max(abs(b - f) for f, b in zip(fp32, bf16)) > 0  # autocast changed the arithmetic

@@ -35,6 +35,7 @@ from orpo_core.stages import fields_hash
 from orpo_core.config import Recipe
 from orpo_core.io import read_json
 from orpo_core.models.sources import resolve_model_path
+from orpo_core.models.host_memory import retained_heap
 from orpo_core.models.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -286,7 +287,8 @@ def run_training(
         ``num_train_pairs``, ``num_eval_pairs``, ``precision`` (``setting``: the recipe's
         ``train.precision``; ``used``: fp32/bf16/fp16; ``reason``; ``autocast``;
         ``trainable_dtype``: dtype of the trained (master) weights), ``model`` (see
-        :func:`orpo_core.models.loading.save_trained_model`).
+        :func:`orpo_core.models.loading.save_trained_model`), ``heap_retained`` (whether freed host
+        memory stayed in the process during training: :mod:`orpo_core.models.host_memory`).
 
     Raises:
         TrainInputError: missing/invalid tokenized files, tokenizer mismatch, or resumable
@@ -371,7 +373,9 @@ def run_training(
 
     report_to = list(recipe.train.report_to or [])
     # the tracker environment (local stores under out_dir/tracking) is process-wide: set for training only
-    with offline_tracking_env(report_to, out_dir, recipe.run_name) as tracker_env:
+    # CPU: keep freed activations / buffers in the heap instead of page-faulting them in every step
+    with retained_heap(enabled=not _cuda()) as heap_retained, \
+            offline_tracking_env(report_to, out_dir, recipe.run_name) as tracker_env:
         trainer = build_trainer(recipe, model, tokenizer, args, train_ds, eval_ds, collator, callbacks)
         train_result = trainer.train(resume_from_checkpoint=resume_from)
         eval_metrics: dict[str, float] = {}
@@ -398,6 +402,7 @@ def run_training(
         "padding_free": trainer.padding_free,
         "prompt_sharing": trainer.prompt_sharing,
         "precision": _precision_record(recipe, trainer.args, trainer.model),
+        "heap_retained": heap_retained,
     }
     trainer.accelerator.wait_for_everyone()
     state_dict = None
