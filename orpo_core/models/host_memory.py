@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -47,7 +48,9 @@ _lock = threading.Lock()
 _depth = 0
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
+    """glibc, loaded once (``platform.libc_ver`` reads the interpreter's binary), or None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:

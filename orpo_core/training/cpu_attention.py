@@ -5,8 +5,8 @@
 ``torch.nn.functional.scaled_dot_product_attention`` takes its CPU flash kernel, whose backward
 is slow on the short, single-row segments of ORPO pairs: measured on a 2-core AMD EPYC with
 ``avx512_bf16`` (torch 2.13, 2 threads, 9 query / 3 key-value heads of 64, causal 512 x 512) the
-sdpa forward takes 4.8 ms and its backward 11.9 ms; this kernel 5.5 ms and 5.3 ms.
-(``benchmarks/bench_cpu_attention.py`` prints the table for several shapes.)
+sdpa forward takes 4.8 ms and its backward 11.9 ms; this kernel 5.5 ms and 5.3 ms
+(figures and the whole-step effect in docs/training.md, "bf16 on CPU").
 
 The kernel is the textbook computation (Vaswani et al. 2017, eq. 1; the backward of softmax
 attention as in FlashAttention, Dao et al. 2022, Algorithm 4, without tiling):
@@ -22,8 +22,8 @@ Numerics: ``S`` and ``dP`` leave their GEMMs rounded to bf16 (fp32 accumulation 
 and ``P`` / ``dS`` are stored in bf16, exactly as transformers' ``eager`` attention computes
 under autocast (``matmul`` in bf16, ``softmax(..., dtype=float32).to(bf16)``); the CPU flash
 kernel keeps ``S`` and ``dP`` in float32. Against a float64 reference on the same bf16 inputs the maximum
-relative error of ``dQ`` is about 1.2e-2 here and 5e-3 for sdpa (tests/test_cpu_attention.py
-bounds both); a 40-step bf16 training run stays within the fp32 tolerance of
+relative error of the output and gradients is up to 1.6e-2 here and 9e-3 for sdpa
+(tests/test_cpu_attention.py bounds the kernel's); a 40-step bf16 training run stays within the fp32 tolerance of
 tests/test_precision.py. Float32 inputs never take this path (sdpa is faster there).
 
 Memory: ``P`` is saved for the backward, ``Hq * Lq * Lk`` values of the input dtype per segment and
@@ -37,7 +37,10 @@ import math
 
 import torch
 
-__all__ = ["MAX_SCORES_PER_HEAD", "use_cpu_segment_kernel", "segment_attention_bias", "grouped_segment_attention"]
+__all__ = [
+    "MAX_SCORES_PER_HEAD", "use_cpu_segment_kernel", "lower_right_causal", "segment_attention_bias",
+    "grouped_segment_attention",
+]
 
 #: largest ``Lq * Lk`` per head the kernel takes (1024 x 1024); larger segments use sdpa, whose
 #: memory does not grow with ``Lq * Lk``
@@ -55,6 +58,14 @@ def use_cpu_segment_kernel(query: torch.Tensor, lq: int, lk: int, dropout: float
     )
 
 
+def lower_right_causal(lq: int, lk: int, device=None) -> torch.Tensor:
+    """``[lq, lk]`` bool causal mask with lower-right alignment: key ``j`` visible to query ``i``
+    iff ``j <= i + lk - lq`` (the last query sees every key)."""
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None]
+    return j <= i + (lk - lq)
+
+
 def segment_attention_bias(mask: torch.Tensor | None, lq: int, lk: int, groups: int) -> torch.Tensor:
     """The additive float32 bias ``[groups * lq, lk]`` of a segment: 0 where query ``i`` may see
     key ``j``, ``-inf`` elsewhere, repeated for the ``groups`` query heads stacked per key-value head.
@@ -67,8 +78,7 @@ def segment_attention_bias(mask: torch.Tensor | None, lq: int, lk: int, groups: 
         ValueError: ``mask`` has another shape, or a query row sees no key (its softmax would be NaN).
     """
     if mask is None:
-        i = torch.arange(lq)[:, None]
-        mask = torch.arange(lk)[None] <= i + (lk - lq)
+        mask = lower_right_causal(lq, lk)
     if tuple(mask.shape) != (lq, lk):
         raise ValueError(f"segment attention mask has shape {tuple(mask.shape)}, expected ({lq}, {lk})")
     if not bool(mask.any(1).all()):

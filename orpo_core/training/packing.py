@@ -57,7 +57,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from orpo_core.training.cpu_attention import grouped_segment_attention, segment_attention_bias, use_cpu_segment_kernel
+from orpo_core.training.cpu_attention import (
+    grouped_segment_attention,
+    lower_right_causal,
+    segment_attention_bias,
+    use_cpu_segment_kernel,
+)
 from orpo_core.training.sharing import SUPPORTED_MODEL_TYPES, build_shared_batch
 
 __all__ = [
@@ -100,14 +105,22 @@ class AttentionSegment:
     mask: torch.Tensor | None = None
     _bias: dict = field(default_factory=dict, repr=False, compare=False)
 
+    @property
+    def q_len(self) -> int:
+        """``Lq``, the segment's queries."""
+        return self.q_end - self.q_start
+
+    @property
+    def k_len(self) -> int:
+        """``Lk``, the keys it sees (all ``k_ranges`` together)."""
+        return sum(e - b for b, e in self.k_ranges)
+
     def bias(self, groups: int) -> torch.Tensor:
         """The additive ``[groups * Lq, Lk]`` float32 bias of
         :func:`orpo_core.training.cpu_attention.segment_attention_bias`, built once per segment
         (every layer of a forward passes the same segments)."""
         if groups not in self._bias:
-            lq = self.q_end - self.q_start
-            lk = sum(e - b for b, e in self.k_ranges)
-            self._bias[groups] = segment_attention_bias(self.mask, lq, lk, groups)
+            self._bias[groups] = segment_attention_bias(self.mask, self.q_len, self.k_len, groups)
         return self._bias[groups]
 
 
@@ -152,9 +165,7 @@ class PackedBatch:
         device = self.input_ids.device
         allowed = torch.zeros(n, n, dtype=torch.bool, device=device)
         for s in self.segments:
-            lq = s.q_end - s.q_start
-            lk = sum(e - b for b, e in s.k_ranges)
-            block = s.mask if s.mask is not None else _lower_right_causal(lq, lk, device)
+            block = s.mask if s.mask is not None else lower_right_causal(s.q_len, s.k_len, device)
             col = 0
             for b, e in s.k_ranges:
                 allowed[s.q_start : s.q_end, b:e] = block[:, col : col + e - b]
@@ -209,12 +220,6 @@ class PackedBatch:
                 f"supported: {', '.join(SUPPORTED_PACKED_ATTENTION)}. Set orpo.padding_free: false"
             )
         return kw
-
-
-def _lower_right_causal(lq: int, lk: int, device) -> torch.Tensor:
-    i = torch.arange(lq, device=device)[:, None]
-    j = torch.arange(lk, device=device)[None]
-    return j <= i + (lk - lq)
 
 
 def _row_lengths(input_ids, attention_mask, completion_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,7 +291,7 @@ def build_packed_batch(
             segments.append(AttentionSegment(start, start + pb + cb, ((start, start + pb + cb),)))
             q0 = start + pb + cb
             k_ranges = ((start, start + pb), (q0, q0 + rb))
-            segments.append(AttentionSegment(q0, q0 + rb, k_ranges, _lower_right_causal(rb, pb + rb, device)))
+            segments.append(AttentionSegment(q0, q0 + rb, k_ranges, lower_right_causal(rb, pb + rb, device)))
             start += pb + cb + rb
         return PackedBatch(ids.long(), pos.long(), gather.long(), segments, run, True, shared.logical_length)
 
@@ -365,8 +370,7 @@ def segment_sdpa_attention_forward(
         dt = torch.get_autocast_dtype(dev)
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
     n_rep = query.shape[1] // key.shape[1]
-    lens = [(s.q_end - s.q_start, sum(e - b for b, e in s.k_ranges)) for s in segments]
-    kernel = [use_cpu_segment_kernel(query, lq, lk, dropout) for lq, lk in lens]
+    kernel = [use_cpu_segment_kernel(query, s.q_len, s.k_len, dropout) for s in segments]
     if n_rep > 1 and not all(kernel):
         key_rep, value_rep = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     else:
